@@ -1,0 +1,141 @@
+"""Activation means over token spans of finished chats, in batched forward passes that keep no activations.
+
+Aggregations are relative to the chat's last assistant message, the reply being studied:
+- "response": its content tokens (no template tokens, no end-of-turn token, no thinking block);
+- "prompt": every token before its content starts (system, user and template tokens);
+- "last_prompt": the single token just before its content (where the model decides how to answer);
+- "turns": one mean per assistant message, for drift along a conversation (see `turn_means`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from personaxis.engine import Record
+from personaxis.errors import PersonaxisError
+from personaxis.model.chat import Label, RenderedChat
+from personaxis.model.loading import ChatModel
+
+AGGREGATIONS = ("response", "prompt", "last_prompt")
+
+
+def _weights(chat: RenderedChat, aggregations: Sequence[str], where: str) -> torch.Tensor:
+    """[S, A] 0/1 weights of each aggregation for one rendered chat."""
+    assistant = chat.mask(Label.ASSISTANT)
+    if not assistant.any():
+        raise PersonaxisError(f"{where}: the chat has no assistant turn with content")
+    last = int(chat.message_index[assistant].max())
+    response = assistant & (chat.message_index == last)
+    first = int(response.nonzero()[0])
+    weights = torch.zeros(len(chat), len(aggregations))
+    for a, name in enumerate(aggregations):
+        if name == "response":
+            weights[:, a] = response.float()
+        elif name == "prompt":
+            weights[:first, a] = 1
+        elif name == "last_prompt":
+            if first == 0:
+                raise PersonaxisError(f"{where}: the reply has no prompt before it")
+            weights[first - 1, a] = 1
+        else:
+            raise PersonaxisError(f"unknown aggregation {name!r} (choose from {', '.join(AGGREGATIONS)})")
+    return weights
+
+
+def _batched_means(
+    model: ChatModel, chats: Sequence[RenderedChat], weights: Sequence[torch.Tensor], layers: Sequence[int]
+) -> torch.Tensor:
+    """Run one left-padded batch and return [B, K, L, H] means."""
+    width = max(len(c) for c in chats)
+    batch = len(chats)
+    ids = torch.full((batch, width), model.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    w = torch.zeros(batch, width, weights[0].shape[-1])
+    for b, (chat, weight) in enumerate(zip(chats, weights, strict=True)):
+        ids[b, width - len(chat) :] = chat.input_ids
+        mask[b, width - len(chat) :] = 1
+        w[b, width - len(chat) :] = weight
+    device = model.device
+    with torch.inference_mode(), model.engine.apply([Record("means", layers, weights=w)]) as trace:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+    return trace.means("means")
+
+
+def iter_means(
+    model: ChatModel,
+    chats: Sequence[Sequence[dict[str, str]]],
+    layers: Sequence[int],
+    aggregations: Sequence[str] = ("response",),
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (chat indices, [b, A, L, H] means) batch by batch, so callers can reduce without holding everything."""
+    from rich.progress import Progress
+
+    rendered = [model.render(list(chat)) for chat in chats]
+    weights = [_weights(chat, aggregations, f"chat {i + 1}") for i, chat in enumerate(rendered)]
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("capturing", total=len(order))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield chunk, _batched_means(model, [rendered[i] for i in chunk], [weights[i] for i in chunk], layers)
+            bar.advance(task, len(chunk))
+
+
+def encode_means(
+    model: ChatModel,
+    chats: Sequence[Sequence[dict[str, str]]],
+    layers: Sequence[int],
+    aggregations: Sequence[str] = ("response",),
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """[N, A, L, H] float32 means of each chat's spans, in the order given."""
+    out = torch.empty(len(chats), len(aggregations), len(layers), model.hidden_size)
+    for chunk, means in iter_means(model, chats, layers, aggregations, batch_size=batch_size, progress=progress):
+        out[chunk] = means
+    return out
+
+
+def turn_means(model: ChatModel, chat: Sequence[dict[str, str]], layers: Sequence[int]) -> torch.Tensor:
+    """[n_assistant_turns, L, H]: the mean over each assistant message's content tokens, in one forward pass."""
+    rendered = model.render(list(chat))
+    turns = rendered.assistant_turn
+    n_turns = int(turns.max()) + 1
+    if n_turns == 0:
+        raise PersonaxisError("the conversation has no assistant turn with content")
+    weights = torch.zeros(len(rendered), n_turns)
+    for k in range(n_turns):
+        weights[:, k] = (turns == k).float()
+    return _batched_means(model, [rendered], [weights], layers)[0]
+
+
+def residual_norms(
+    model: ChatModel, texts: Sequence[str], layers: Sequence[int] | None = None, batch_size: int = 8
+) -> dict[int, float]:
+    """Mean L2 norm of the residual per layer over all tokens of neutral texts (the unit of relative steering)."""
+    layers = list(range(model.n_layers)) if layers is None else list(layers)
+    total = torch.zeros(len(layers))
+    count = 0.0
+    for start in range(0, len(texts), batch_size):
+        encoded = model.tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False)["input_ids"]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), model.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, e in enumerate(encoded):
+            ids[b, width - len(e) :] = torch.tensor(e)
+            mask[b, width - len(e) :] = 1
+        record = Record("norms", layers, weights=mask[..., None].float(), stat="norm")
+        with torch.inference_mode(), model.engine.apply([record]) as trace:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+            model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions)
+        counts = trace.counts("norms")[:, 0]
+        total += (trace.means("norms")[:, 0] * counts[:, None]).sum(dim=0)
+        count += float(counts.sum())
+    return {layer: float(total[j] / count) for j, layer in enumerate(layers)}

@@ -1,0 +1,284 @@
+"""The engine: the only code in personaxis that touches forward hooks.
+
+One `Engine` per model. `engine.apply(ops)` attaches, for the duration of a `with` block, one pre-hook on the module
+that owns the decoder blocks (it reads the attention mask and the cache length of every forward, so positions are
+absolute and padding is known even under `generate()` or a training loop) and one forward hook on each block that
+an op touches. With no ops nothing is attached, so outputs are bit-identical to the bare model.
+
+Inside a block hook the activation is cast to float32 once, every intervention of that layer is applied in order,
+readouts see the result, and it is cast back once. Tokens no op touches round-trip exactly (bf16 → fp32 → bf16).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from personaxis.engine.ops import Ablate, Add, Cap, Op, Project, Record
+from personaxis.errors import PersonaxisError
+
+if TYPE_CHECKING:
+    from personaxis.model.loading import ChatModel
+
+
+@dataclass
+class _Step:
+    """What the current forward call covers: which tokens are real, and where they sit in the sequence."""
+
+    valid: torch.Tensor  # [B, T] bool
+    columns: torch.Tensor  # [T] absolute column of each position (left padding included)
+    last_prompt: torch.Tensor  # [B] absolute column of each row's last prompt token
+    cache: dict[Any, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def start(self) -> int:
+        return int(self.columns[0])
+
+
+@dataclass
+class _RecordState:
+    op: Record
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K, H] or [B, K]
+    counts: torch.Tensor | None = None  # [B, K]
+
+
+class Trace:
+    """What one `apply` block read out: recorded means, per-token projections and how often caps bit."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, _RecordState] = {}
+        self._projections: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
+        self.cap_hits: torch.Tensor | None = None  # [B]: token × layer positions a cap moved, per row
+
+    def record_names(self) -> list[str]:
+        return list(self._records)
+
+    def counts(self, name: str) -> torch.Tensor:
+        """[B, K] total weight (token count for 0/1 weights) of each row's segments."""
+        state = self._state(name)
+        if state.counts is None:
+            raise PersonaxisError(f"record '{name}' saw no tokens")
+        return state.counts.cpu()
+
+    def means(self, name: str) -> torch.Tensor:
+        """[B, K, L, H] float32 means (for stat='norm': [B, K, L]); NaN where a segment got no tokens."""
+        state = self._state(name)
+        counts = self.counts(name)
+        layers = state.op.layers
+        if any(layer not in state.sums for layer in layers):
+            raise PersonaxisError(f"record '{name}' saw no forward pass")
+        stacked = torch.stack([state.sums[layer].cpu() for layer in layers], dim=2)  # [B, K, L, (H)]
+        denominator = counts.view(*counts.shape, *([1] * (stacked.dim() - 2)))
+        return stacked / denominator.where(denominator > 0, torch.tensor(float("nan")))
+
+    def projections(self, name: str) -> torch.Tensor:
+        """[B, S, L] per-token projections at absolute columns, NaN where the op did not apply."""
+        if name not in self._projections:
+            raise PersonaxisError(f"no projection named '{name}' was read out")
+        per_layer = self._projections[name]
+        layers = sorted(per_layer)
+        width = max(start + chunk.shape[1] for chunks in per_layer.values() for start, chunk in chunks)
+        batch = next(iter(per_layer.values()))[0][1].shape[0]
+        out = torch.full((batch, width, len(layers)), float("nan"))
+        for j, layer in enumerate(layers):
+            for start, chunk in per_layer[layer]:
+                out[:, start : start + chunk.shape[1], j] = chunk.cpu()
+        return out
+
+    def _state(self, name: str) -> _RecordState:
+        if name not in self._records:
+            raise PersonaxisError(f"no record named '{name}'")
+        return self._records[name]
+
+
+def _unwrap(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _rewrap(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class Engine:
+    """Hook manager for one model. Use `with engine.apply(ops) as trace:` around a forward pass or generation."""
+
+    def __init__(self, model: ChatModel) -> None:
+        self.model = model
+        self._active = False
+
+    @contextmanager
+    def apply(self, ops: Sequence[Op]) -> Iterator[Trace]:
+        trace = Trace()
+        ops = list(ops)
+        if not ops:
+            yield trace
+            return
+        if self._active:
+            raise PersonaxisError("the engine is already running ops on this model; nest the ops in one apply()")
+        self._validate(ops)
+        by_layer: dict[int, list[Op]] = defaultdict(list)
+        for op in ops:
+            for layer in op.layers:
+                by_layer[layer].append(op)
+            if isinstance(op, Record):
+                trace._records[op.name] = _RecordState(op)
+            if isinstance(op, Project):
+                trace._projections.setdefault(op.name, {})
+        state: dict[str, _Step | None] = {"step": None}
+        records = [op for op in ops if isinstance(op, Record)]
+        handles = [self.model.base.register_forward_pre_hook(self._pre_hook(state, trace, records), with_kwargs=True)]
+        for layer, layer_ops in sorted(by_layer.items()):
+            handles.append(
+                self.model.blocks[layer].register_forward_hook(self._block_hook(layer, layer_ops, state, trace))
+            )
+        self._active = True
+        try:
+            yield trace
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._active = False
+
+    def _validate(self, ops: Sequence[Op]) -> None:
+        n_layers, hidden = self.model.n_layers, self.model.hidden_size
+        for op in ops:
+            bad = [layer for layer in op.layers if not 0 <= layer < n_layers]
+            if bad:
+                raise PersonaxisError(f"{type(op).__name__}: layer(s) {bad} out of range for a {n_layers}-layer model")
+            for table in ("deltas", "directions"):
+                for layer, vector in getattr(op, table, {}).items():
+                    if vector.numel() != hidden:
+                        raise PersonaxisError(
+                            f"{type(op).__name__}: vector at layer {layer} has size {vector.numel()}, "
+                            f"the model's hidden size is {hidden}"
+                        )
+
+    def _pre_hook(self, state: dict, trace: Trace, records: list[Record]):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs = kwargs.get("input_ids")
+            if inputs is None:
+                inputs = args[0] if args else kwargs.get("inputs_embeds")
+            batch, width = inputs.shape[0], inputs.shape[1]
+            mask = kwargs.get("attention_mask")
+            device = inputs.device
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                start = mask.shape[1] - width
+                valid = mask[:, start:].bool()
+            else:
+                cache = kwargs.get("past_key_values")
+                start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+                valid = torch.ones(batch, width, dtype=torch.bool, device=device)
+            columns = torch.arange(start, start + width, device=device)
+            previous = state["step"]
+            if start == 0 or previous is None:
+                last = torch.where(valid, columns, torch.full_like(columns, -1)).max(dim=1).values
+            else:
+                last = previous.last_prompt
+            step = _Step(valid=valid, columns=columns, last_prompt=last)
+            state["step"] = step
+            for op in records:
+                weights = self._record_weights(op, step)
+                record = trace._records[op.name]
+                counts = weights.sum(dim=1).float()
+                record.counts = counts if record.counts is None else record.counts + counts
+
+        return hook
+
+    def _token_mask(self, op: Op, step: _Step) -> torch.Tensor:
+        key = ("mask", id(op))
+        if key not in step.cache:
+            mask = step.valid
+            if op.when == "prompt":
+                mask = mask & (step.columns[None, :] <= step.last_prompt[:, None])
+            elif op.when == "response":
+                mask = mask & (step.columns[None, :] >= step.last_prompt[:, None])
+            if op.rows is not None:
+                rows = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+                index = torch.tensor(op.rows, dtype=torch.long)
+                if index.numel() and (index.max() >= mask.shape[0] or index.min() < 0):
+                    raise PersonaxisError(
+                        f"{type(op).__name__}: rows {list(op.rows)} outside a batch of {mask.shape[0]}"
+                    )
+                rows[index.to(mask.device)] = True
+                mask = mask & rows[:, None]
+            step.cache[key] = mask
+        return step.cache[key]
+
+    def _record_weights(self, op: Record, step: _Step) -> torch.Tensor:
+        """[B, T, K] weights of the current positions, zero for padding and rows or phases the op skips."""
+        key = ("weights", id(op))
+        if key not in step.cache:
+            batch, width = step.valid.shape
+            device = step.valid.device
+            k = op.n_segments
+            weights = torch.zeros(batch, width, k, device=device)
+            known = 0
+            if op.weights is not None:
+                stop = min(step.start + width, op.weights.shape[1])
+                if stop > step.start:
+                    if op.weights.shape[0] != batch:
+                        raise PersonaxisError(
+                            f"record '{op.name}': weights for {op.weights.shape[0]} rows, batch has {batch}"
+                        )
+                    known = stop - step.start
+                    weights[:, :known] = op.weights[:, step.start : stop].to(device, torch.float32)
+            if op.generated is not None and known < width:
+                weights[:, known:] = op.generated.to(device, torch.float32)
+            step.cache[key] = weights * self._token_mask(op, step)[..., None]
+        return step.cache[key]
+
+    def _block_hook(self, layer: int, ops: list[Op], state: dict, trace: Trace):
+        interventions = [op for op in ops if isinstance(op, (Add, Ablate, Cap))]
+        readouts = [op for op in ops if isinstance(op, (Project, Record))]
+        vectors: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+        def vector(op: Op, table: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
+            key = (id(op), device)
+            if key not in vectors:
+                vectors[key] = table[layer].to(device)
+            return vectors[key]
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            step: _Step = state["step"]
+            hidden = _unwrap(output)
+            work = hidden.float()
+            device = hidden.device
+            for op in interventions:
+                mask = self._token_mask(op, step).to(device)
+                if isinstance(op, Add):
+                    work = work + mask[..., None] * vector(op, op.deltas, device)
+                    continue
+                unit = vector(op, op.directions, device)
+                projection = work @ unit
+                if isinstance(op, Ablate):
+                    shift = -projection
+                else:
+                    lo = op.floor[layer] if op.floor else None
+                    hi = op.ceiling[layer] if op.ceiling else None
+                    shift = projection.clamp(min=lo, max=hi) - projection
+                    hits = ((shift != 0) & mask).sum(dim=1).cpu()
+                    trace.cap_hits = hits if trace.cap_hits is None else trace.cap_hits + hits
+                work = work + (shift * mask)[..., None] * unit
+            for op in readouts:
+                if isinstance(op, Project):
+                    mask = self._token_mask(op, step).to(device)
+                    values = (work @ vector(op, op.directions, device)).masked_fill(~mask, float("nan"))
+                    trace._projections[op.name].setdefault(layer, []).append((step.start, values.detach()))
+                else:
+                    weights = self._record_weights(op, step).to(device)
+                    record = trace._records[op.name]
+                    if op.stat == "mean":
+                        total = torch.einsum("btk,bth->bkh", weights, work.detach())
+                    else:
+                        total = torch.einsum("btk,bt->bk", weights, work.detach().norm(dim=-1))
+                    record.sums[layer] = total if layer not in record.sums else record.sums[layer] + total
+            if not interventions:
+                return None
+            return _rewrap(output, work.to(hidden.dtype))
+
+        return hook

@@ -1,0 +1,260 @@
+"""Batched generation with engine ops, and activation capture in the same pass.
+
+The decode loop is written out (prefill, then one token per step under a KV cache) instead of calling `generate()`,
+because it must do three things `generate()` does not: per-row sampling settings and seeds (so a sample's text does not
+depend on its batch), stopping each row at its own end-of-turn token without feeding that token back, and one extra
+forward for rows stopped by the length limit so their last token's activation is captured too. Together these make
+the response-token means recorded while generating equal those of re-encoding the finished chat.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from personaxis.engine import Op, Project, Record, Trace
+from personaxis.errors import PersonaxisError
+from personaxis.model.chat import Label
+from personaxis.model.loading import ChatModel
+
+CAPTURES = ("response", "prompt", "last_prompt")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Per-row sampling settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 1_000_000:
+            raise PersonaxisError("max_new_tokens must be a positive integer")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise PersonaxisError("temperature must be a finite number ≥ 0")
+        if not 0 < self.top_p <= 1:
+            raise PersonaxisError("top_p must be in (0, 1]")
+
+
+@dataclass
+class Generation:
+    """One reply: its tokens and text, why it stopped, and what was read out while it was generated."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  # capture name -> [L, H] float32
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [n_tokens, L], per reply token
+    cap_hits: int = 0
+
+
+def stop_token_ids(model: ChatModel) -> set[int]:
+    """End-of-turn ids: the eos ids the model declares plus the token its template puts right after a reply."""
+    ids: set[int] = set()
+    for source in (getattr(model.model, "generation_config", None), model.tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if model.has_chat_template:
+        chat = model.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}])
+        positions = (chat.labels == int(Label.ASSISTANT)).nonzero().flatten()
+        if len(positions) and int(positions[-1]) + 1 < len(chat):
+            after = int(chat.input_ids[int(positions[-1]) + 1])
+            if after in set(model.tokenizer.all_special_ids):
+                ids.add(after)
+    return ids
+
+
+def prompt_ids(model: ChatModel, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The token ids the model reads before it starts its reply."""
+    return model.render(list(messages), add_generation_prompt=True).input_ids.tolist()
+
+
+def _sample(logits: torch.Tensor, settings: Sampling, generator: torch.Generator | None) -> int:
+    if settings.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
+    if settings.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        drop = sorted_probs.cumsum(0) - sorted_probs > settings.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def generate_batch(
+    model: ChatModel,
+    prompts: Sequence[list[int]],
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    *,
+    ops: Sequence[Op] = (),
+    capture_layers: Sequence[int] | None = None,
+    captures: Sequence[str] = ("response",),
+    on_token: Callable[[int, int], bool | None] | None = None,
+) -> list[Generation]:
+    """Generate replies for one batch of prompts (token ids), applying `ops` (their `rows` index this batch).
+
+    `on_token(row, token_id)` is called for every new reply token; returning False stops that row (e.g. the client
+    disconnected).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PersonaxisError("every prompt needs at least one token")
+    bad = [c for c in captures if c not in CAPTURES]
+    if bad:
+        raise PersonaxisError(f"unknown capture {bad[0]!r} (choose from {', '.join(CAPTURES)})")
+    settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+    if len(settings) != len(prompts):
+        raise PersonaxisError("give one sampling setting per prompt")
+    device = model.device
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        ids[b, width - len(prompt) :] = torch.tensor(prompt)
+        mask[b, width - len(prompt) :] = 1
+    ops = list(ops)
+    if capture_layers:
+        weights = torch.zeros(batch, width, len(CAPTURES))
+        weights[:, :, 1] = mask  # prompt mean
+        weights[:, -1, 2] = 1  # last prompt token (left padding puts it last for every row)
+        ops.append(Record("capture", capture_layers, weights=weights, generated=torch.tensor([1.0, 0.0, 0.0])))
+    readouts = bool(capture_layers) or any(isinstance(op, Project) for op in ops)
+    generators = [
+        torch.Generator().manual_seed(s.seed) if s.seed is not None and s.temperature > 0 else None for s in settings
+    ]
+    stops = stop_token_ids(model)
+    extra = {"logits_to_keep": 1} if _accepts(model.model, "logits_to_keep") else {}
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    finish: list[str] = [""] * batch
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.inference_mode(), model.engine.apply(ops) as trace:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_position = mask.sum(dim=1)
+        active = [True] * batch
+        while True:
+            feed = torch.zeros(batch, dtype=torch.long)
+            step_ids = torch.full((batch,), pad, dtype=torch.long)
+            for b in range(batch):
+                if not active[b]:
+                    continue
+                token = _sample(logits[b], settings[b], generators[b])
+                if token in stops:
+                    finish[b], active[b] = "stop", False
+                    continue
+                tokens[b].append(token)
+                feed[b], step_ids[b] = 1, token
+                if on_token is not None and on_token(b, token) is False:
+                    finish[b], active[b] = "stop", False
+                elif len(tokens[b]) >= settings[b].max_new_tokens:
+                    finish[b], active[b] = "length", False
+            if not any(active) and not (readouts and feed.any()):
+                break
+            feed, step_ids = feed.to(device), step_ids.to(device)
+            mask = torch.cat([mask, feed[:, None]], dim=1)
+            out = model.model(
+                input_ids=step_ids[:, None],
+                attention_mask=mask,
+                position_ids=next_position[:, None],
+                past_key_values=cache,
+                use_cache=True,
+                **extra,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            next_position = next_position + feed
+            if not any(active):
+                break
+    return _collect(model, prompts, tokens, finish, trace, width, capture_layers, captures, ops)
+
+
+def _collect(
+    model: ChatModel,
+    prompts: Sequence[list[int]],
+    tokens: list[list[int]],
+    finish: list[str],
+    trace: Trace,
+    width: int,
+    capture_layers: Sequence[int] | None,
+    captures: Sequence[str],
+    ops: Sequence[Op],
+) -> list[Generation]:
+    means = trace.means("capture") if capture_layers else None  # [B, 3, L, H]
+    projections = {op.name: trace.projections(op.name) for op in ops if isinstance(op, Project)}
+    results = []
+    for b, prompt in enumerate(prompts):
+        generation = Generation(
+            prompt_ids=list(prompt),
+            token_ids=tokens[b],
+            text=model.tokenizer.decode(tokens[b], skip_special_tokens=True),
+            finish_reason=finish[b],
+            cap_hits=int(trace.cap_hits[b]) if trace.cap_hits is not None else 0,
+        )
+        if means is not None:
+            generation.means = {name: means[b, CAPTURES.index(name)] for name in captures}
+        for name, values in projections.items():
+            generation.projections[name] = values[b, width : width + len(tokens[b])]
+        results.append(generation)
+    return results
+
+
+def generate(
+    model: ChatModel,
+    chats: Sequence[Sequence[dict[str, str]]],
+    sampling: Sampling | Sequence[Sampling] = Sampling(),
+    *,
+    ops: Sequence[Op] = (),
+    row_ops: Sequence[Sequence[Op]] | None = None,
+    capture_layers: Sequence[int] | None = None,
+    captures: Sequence[str] = ("response",),
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Generation]:
+    """Reply to many chats in batches (similar lengths together); `row_ops[i]` adds ops for chat i only."""
+    from rich.progress import Progress
+
+    prompts = [prompt_ids(model, chat) for chat in chats]
+    settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+    if row_ops is not None and len(row_ops) != len(prompts):
+        raise PersonaxisError("row_ops needs one list of ops per chat")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Generation | None] = [None] * len(prompts)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("generating", total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch_ops = list(ops)
+            if row_ops is not None:
+                batch_ops += rows_for(chunk, row_ops)
+            outputs = generate_batch(
+                model,
+                [prompts[i] for i in chunk],
+                [settings[i] for i in chunk],
+                ops=batch_ops,
+                capture_layers=capture_layers,
+                captures=captures,
+            )
+            for i, output in zip(chunk, outputs, strict=True):
+                results[i] = output
+            bar.advance(task, len(chunk))
+    return results  # type: ignore[return-value]
+
+
+def rows_for(chunk: Sequence[int], row_ops: Sequence[Sequence[Op]]) -> list[Op]:
+    """Turn per-chat ops into ops of one batch: the same op object on several chats becomes one op on several rows."""
+    rows: dict[int, tuple[Op, list[int]]] = {}
+    for row, index in enumerate(chunk):
+        for op in row_ops[index]:
+            rows.setdefault(id(op), (op, []))[1].append(row)
+    return [replace(op, rows=tuple(r)) for op, r in rows.values()]

@@ -1,0 +1,166 @@
+"""Load any causal chat model into one handle that the rest of personaxis works with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from personaxis.errors import PersonaxisError
+from personaxis.model.blocks import find_blocks, parent_of
+from personaxis.model.chat import RenderedChat, has_chat_template, render_chat, supports_system
+from personaxis.model.embedded import fetch_embedded, resolve_embedded
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(eq=False)
+class ChatModel:
+    """A causal LM, its tokenizer, and where its decoder blocks are. One `Engine` per model holds all hooks."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    revision: str | None = None
+    blocks_path: str = ""
+    blocks: nn.ModuleList = field(default=None, repr=False)  # type: ignore[assignment]
+    _engine: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.blocks is None:
+            self.blocks_path, self.blocks = find_blocks(self.model)
+        if getattr(self.tokenizer, "pad_token_id", None) is None:
+            # batching needs a pad id; which one does not matter since padded positions are masked out
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+
+    @property
+    def config(self) -> Any:
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        for attr in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(getattr(self.config, attr, None), int):
+                return getattr(self.config, attr)
+        raise PersonaxisError(f"cannot tell the hidden size of {self.name}")
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.config, "model_type", "unknown"))
+
+    @property
+    def base(self) -> nn.Module:
+        """The module that owns the blocks and receives the attention mask on every forward."""
+        return parent_of(self.model, self.blocks_path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return has_chat_template(self.tokenizer)
+
+    @property
+    def has_system_role(self) -> bool:
+        return supports_system(self.tokenizer)
+
+    @property
+    def engine(self):  # noqa: ANN201 - imported lazily to keep model loading free of engine imports
+        if self._engine is None:
+            from personaxis.engine import Engine
+
+            self._engine = Engine(self)
+        return self._engine
+
+    def render(self, messages: list[dict[str, str]], **kwargs: Any) -> RenderedChat:
+        return render_chat(self.tokenizer, messages, **kwargs)
+
+    def block_device(self, layer: int) -> torch.device:
+        return next(self.blocks[layer].parameters()).device
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise PersonaxisError(f"unknown dtype '{dtype}' (choose from {', '.join(sorted(DTYPES))}, auto)")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> ChatModel:
+    """Load a model from a hub id, a local folder, a `.gguf` file, or an embedded name (`default`, ...).
+
+    `device_map="auto"` spreads a large model over several GPUs; hooks then move vectors to each block's device.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = str(spec)
+    name = spec
+    kwargs: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    source: str | Path = spec
+    embedded = resolve_embedded(spec)
+    path = Path(spec).expanduser()
+    if embedded is not None and not path.exists():
+        source = fetch_embedded(embedded)
+        name = embedded.name
+        if kwargs["dtype"] == "auto":
+            kwargs["dtype"] = torch.bfloat16 if (device or "cpu") == "cpu" else "auto"
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise PersonaxisError(f"no GGUF file at {path}")
+        source, kwargs["gguf_file"] = path.parent, path.name
+    elif path.exists():
+        if not (path / "config.json").exists():
+            raise PersonaxisError(f"{path} is not a model folder (no config.json)")
+        source = path
+    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise PersonaxisError(f"no model at {spec}")
+    else:
+        kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_tok_kwargs(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PersonaxisError(f"cannot load model '{spec}': {first}") from None
+    if device is not None and device_map is None:
+        model = model.to(device)
+    model.eval()
+    return ChatModel(model=model, tokenizer=tokenizer, name=name, revision=revision)
+
+
+def _tok_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
