@@ -100,12 +100,13 @@ def generate_batch(
     ops: Sequence[Op] = (),
     capture_layers: Sequence[int] | None = None,
     captures: Sequence[str] = ("response",),
-    on_token: Callable[[int, int], bool | None] | None = None,
+    on_token: Callable[[int, int, dict[str, torch.Tensor]], bool | None] | None = None,
 ) -> list[Generation]:
     """Generate replies for one batch of prompts (token ids), applying `ops` (their `rows` index this batch).
 
-    `on_token(row, token_id)` is called for every new reply token; returning False stops that row (e.g. the client
-    disconnected).
+    `on_token(row, token_id, projections)` is called for every reply token, with that token's projections
+    ({name: [L]}) when `Project` ops are present (then it comes one step later, once the token has been run);
+    returning False stops that row (e.g. the client disconnected).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PersonaxisError("every prompt needs at least one token")
@@ -129,7 +130,8 @@ def generate_batch(
         weights[:, :, 1] = mask  # prompt mean
         weights[:, -1, 2] = 1  # last prompt token (left padding puts it last for every row)
         ops.append(Record("capture", capture_layers, weights=weights, generated=torch.tensor([1.0, 0.0, 0.0])))
-    readouts = bool(capture_layers) or any(isinstance(op, Project) for op in ops)
+    projected = [op.name for op in ops if isinstance(op, Project)]
+    readouts = bool(capture_layers or projected)
     generators = [
         torch.Generator().manual_seed(s.seed) if s.seed is not None and s.temperature > 0 else None for s in settings
     ]
@@ -156,10 +158,10 @@ def generate_batch(
                     continue
                 tokens[b].append(token)
                 feed[b], step_ids[b] = 1, token
-                if on_token is not None and on_token(b, token) is False:
-                    finish[b], active[b] = "stop", False
-                elif len(tokens[b]) >= settings[b].max_new_tokens:
+                if len(tokens[b]) >= settings[b].max_new_tokens:
                     finish[b], active[b] = "length", False
+                if on_token is not None and not projected and on_token(b, token, {}) is False:
+                    finish[b], active[b] = "stop", False
             if not any(active) and not (readouts and feed.any()):
                 break
             feed, step_ids = feed.to(device), step_ids.to(device)
@@ -174,6 +176,11 @@ def generate_batch(
             )
             cache, logits = out.past_key_values, out.logits[:, -1]
             next_position = next_position + feed
+            if on_token is not None and projected:
+                latest = {name: trace.latest(name) for name in projected}
+                for b in feed.nonzero().flatten().tolist():
+                    if on_token(b, tokens[b][-1], {n: v[b] for n, v in latest.items()}) is False and active[b]:
+                        finish[b], active[b] = "stop", False
             if not any(active):
                 break
     return _collect(model, prompts, tokens, finish, trace, width, capture_layers, captures, ops)

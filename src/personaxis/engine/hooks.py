@@ -90,6 +90,11 @@ class Trace:
                 out[:, start : start + chunk.shape[1], j] = chunk.cpu()
         return out
 
+    def latest(self, name: str) -> torch.Tensor:
+        """[B, L] projections of the last position of the latest forward pass (the token just run)."""
+        per_layer = self._projections[name]
+        return torch.stack([per_layer[layer][-1][1][:, -1].float().cpu() for layer in sorted(per_layer)], dim=-1)
+
     def _state(self, name: str) -> _RecordState:
         if name not in self._records:
             raise PersonaxisError(f"no record named '{name}'")
