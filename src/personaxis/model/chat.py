@@ -168,7 +168,7 @@ def render_chat(
     for t, (start, end) in enumerate(encoded["offset_mapping"]):
         for span_start, span_end, label, owner in spans:
             lo, hi = max(start, span_start), min(end, span_end)
-            if lo < hi and text[lo:hi].strip():
+            if lo < hi:
                 labels[t] = int(label)
                 owner_of[t] = owner
                 break

@@ -1,0 +1,43 @@
+import os
+
+import pytest
+
+from personaxis.errors import PersonaxisError
+from personaxis.store import atomic_write_bytes, atomic_write_text
+
+
+def test_write_and_replace(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    atomic_write_text(target, "first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert os.listdir(target.parent) == ["report.json"]
+
+
+def test_new_file_gets_ordinary_permissions(tmp_path):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_failed_replace_keeps_old_file_and_cleans_up(tmp_path, monkeypatch):
+    target = tmp_path / "a.txt"
+    atomic_write_text(target, "old")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(PersonaxisError, match="No space left"):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_unwritable_location_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PersonaxisError, match="cannot write"):
+        atomic_write_text(blocker / "x.txt", "data")
