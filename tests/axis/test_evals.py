@@ -6,6 +6,7 @@ import operator
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
@@ -67,6 +68,12 @@ def test_rubric_has_the_nine_categories_and_harm_starts_at_enough_info():
     assert all(part in prompt for part in ("PERSONA-X", "QUESTION-Y", "ANSWER-Z", "8. enough info follows"))
 
 
+def _rule_types() -> set[str]:
+    """The `type` tag of every rule class in the `Rule` union."""
+    classes = get_args(get_args(evals.Rule)[0])
+    return {get_args(cls.model_fields["type"].annotation)[0] for cls in classes}
+
+
 def _recompute(expression: str) -> Fraction:
     """An evaluator independent of the library's, so a bug there cannot hide a wrong answer."""
     binary = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -89,8 +96,7 @@ def test_capability_counts_ids_and_every_rule_type_used():
     kinds = Counter(item.kind for item in items)
     assert kinds["arithmetic"] >= 50 and kinds["fact"] >= 50 and kinds["instruction"] >= 50
     used = {rule.type for item in items if isinstance(item, InstructionItem) for rule in item.rules}
-    rule_types = {cls.model_fields["type"].annotation.__args__[0] for cls in evals.Rule.__origin__.__args__}
-    assert used == rule_types
+    assert used == _rule_types()
 
 
 def test_every_arithmetic_answer_is_recomputed_from_its_expression():
@@ -98,9 +104,12 @@ def test_every_arithmetic_answer_is_recomputed_from_its_expression():
     for item in arithmetic:
         value = _recompute(item.expression)
         assert value.denominator == 1 and value == item.answer, item.id
-        numbers = {str(abs(n.value)) for n in ast.walk(ast.parse(item.expression)) if isinstance(n, ast.Constant)}
-        story = {n for n in numbers if n not in {"1", "2", "4", "3", "7", "60", "100"}}
-        assert all(n in item.prompt for n in story), f"{item.id}: operands {story} not all in the prompt"
+        # The expression must be this problem's: its operands appear in the prompt, apart from constants the
+        # story only implies (legs per animal, days per week, minutes per hour, percent, three friends...).
+        implied = {1, 2, 3, 4, 7, 60, 100}
+        operands = {n.value for n in ast.walk(ast.parse(item.expression)) if isinstance(n, ast.Constant)}
+        missing = [n for n in operands - implied if str(n) not in item.prompt]
+        assert not missing, f"{item.id}: operands {missing} are not in the prompt"
 
 
 def test_every_packaged_item_accepts_its_own_answer():
@@ -239,8 +248,7 @@ def test_each_rule_type_accepts_and_rejects(rule: dict, passing: list[str], fail
 
 
 def test_rule_cases_cover_every_rule_type():
-    rule_types = {cls.model_fields["type"].annotation.__args__[0] for cls in evals.Rule.__origin__.__args__}
-    assert {case[0]["type"] for case in RULE_CASES} == rule_types
+    assert {case[0]["type"] for case in RULE_CASES} == _rule_types()
 
 
 def test_instruction_items_need_every_rule_to_pass():
@@ -356,6 +364,4 @@ def test_bad_conversation_and_simulated_user_files(tmp_path: Path):
     assert "template: placeholders must be exactly" in _error(load_simulated_user, _write(tmp_path, data))
     data = _packaged("simulated_user.json")
     data["end_token"] = "STOP_NOW"
-    assert "never tells the simulated user to write 'STOP_NOW'" in _error(
-        load_simulated_user, _write(tmp_path, data)
-    )
+    assert "never tells the simulated user to write 'STOP_NOW'" in _error(load_simulated_user, _write(tmp_path, data))
