@@ -119,7 +119,10 @@ def turn_means(model: ChatModel, chat: Sequence[dict[str, str]], layers: Sequenc
 def residual_norms(
     model: ChatModel, texts: Sequence[str], layers: Sequence[int] | None = None, batch_size: int = 8
 ) -> dict[int, float]:
-    """Mean L2 norm of the residual per layer over all tokens of neutral texts (the unit of relative steering)."""
+    """Mean L2 norm of the residual per layer over neutral texts (the unit of relative steering).
+
+    The first token of each text is left out: it is an attention sink whose norm can be a hundred times the others.
+    """
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     total = torch.zeros(len(layers))
     count = 0.0
@@ -131,7 +134,9 @@ def residual_norms(
         for b, e in enumerate(encoded):
             ids[b, width - len(e) :] = torch.tensor(e)
             mask[b, width - len(e) :] = 1
-        record = Record("norms", layers, weights=mask[..., None].float(), stat="norm")
+        weights = mask.float()
+        weights[torch.arange(len(encoded)), width - torch.tensor([len(e) for e in encoded])] = 0
+        record = Record("norms", layers, weights=weights[..., None], stat="norm")
         with torch.inference_mode(), model.engine.apply([record]) as trace:
             positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
             model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions)

@@ -1,0 +1,221 @@
+"""The personaxis command line: a thin face over the library.
+
+User mistakes raise `PersonaxisError`; `main` prints them as one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from personaxis.errors import PersonaxisError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+
+
+def _load(spec: str, dtype: str = "auto", device: str | None = None):
+    from personaxis.model import load_model
+
+    with console.status(f"loading {spec}..."):
+        return load_model(spec, dtype=dtype, device=device)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="hub id, folder, .gguf or embedded name")], dtype: DtypeOpt = "auto"
+):
+    """Layers, hidden size, chat template and system-role support of a model."""
+    m = _load(model, dtype)
+    table = Table(show_header=False)
+    for key, value in (
+        ("model", m.name),
+        ("architecture", m.model_type),
+        ("decoder blocks", f"{m.n_layers} (at {m.blocks_path})"),
+        ("hidden size", m.hidden_size),
+        ("dtype", str(m.dtype).removeprefix("torch.")),
+        ("chat template", "yes" if m.has_chat_template else "no (a plain System/User/Assistant transcript is used)"),
+        ("system role", "yes" if m.has_system_role else "no (system text is folded into the first user turn)"),
+        ("layer convention", "layer i = output of decoder block i = hidden_states[i + 1]"),
+    ):
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def extract(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option(help="output .safetensors")],
+    chats: Annotated[Path | None, typer.Option(help="chats.jsonl: one {'messages': [...]} per line")] = None,
+    diff: Annotated[
+        tuple[Path, Path] | None, typer.Option(help="POS.jsonl NEG.jsonl: write mean(pos) - mean(neg)")
+    ] = None,
+    layers: Annotated[str, typer.Option(help="all, i,j,k or a:b")] = "all",
+    aggregation: Annotated[str, typer.Option(help="response, prompt or last_prompt")] = "response",
+    name: Annotated[str, typer.Option(help="name of the direction in the file")] = "direction",
+    points_toward: Annotated[str, typer.Option(help="what the + sign means")] = "the positive chats",
+    batch_size: int = 8,
+    dtype: DtypeOpt = "auto",
+):
+    """Per-layer mean of response-token activations over chats, or the difference of two sets' means."""
+    from personaxis.datasets import parse_layers, read_chats
+    from personaxis.extract import mean_difference, mean_vectors
+
+    if (chats is None) == (diff is None):
+        raise PersonaxisError("give either --chats FILE or --diff POS NEG")
+    sets = [read_chats(p, need_assistant=True) for p in ([chats] if chats else list(diff))]
+    _check_writable(out)
+    m = _load(model, dtype)
+    chosen = parse_layers(layers, m.n_layers)
+    if chats is not None:
+        vectors = mean_vectors(m, sets[0], chosen, aggregation=aggregation, name=name, batch_size=batch_size)
+    else:
+        vectors = mean_difference(
+            m, sets[0], sets[1], chosen, aggregation=aggregation, name=name, points_toward=points_toward,
+            batch_size=batch_size,
+        )  # fmt: skip
+    vectors.save(out)
+    console.print(f"wrote {out}: {len(vectors.layers)} layers × {vectors.hidden_size}, counts {vectors.meta.counts}")
+
+
+@app.command()
+def generate(
+    model: ModelOpt,
+    prompt: Annotated[str, typer.Option("--prompt", "-p")],
+    system: Annotated[str | None, typer.Option("--system", "-s")] = None,
+    steer: Annotated[
+        list[str] | None, typer.Option(help="FILE:LAYER:COEF (LAYER may be a:b or i,j); repeatable")
+    ] = None,
+    units: Annotated[str, typer.Option(help="steering units: raw (c·v) or relative (c·mean_norm·v̂)")] = "raw",
+    cap: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
+    project: Annotated[list[Path] | None, typer.Option(help="vectors to read projections on; repeatable")] = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    dtype: DtypeOpt = "auto",
+):
+    """Reply to one prompt, optionally steered, capped and monitored."""
+    from personaxis.datasets import parse_layers
+    from personaxis.generate import Sampling, generate_batch, prompt_ids
+    from personaxis.steering import cap_op, project_op, steer_op
+    from personaxis.vectors import CapConfig, Vectors
+
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    parsed = [_parse_steer(s) for s in steer or []]
+    loaded = [(Vectors.load(path), layer, coef) for path, layer, coef in parsed]
+    capping = CapConfig.load(cap) if cap else None
+    monitors = [Vectors.load(p) for p in project or []]
+    m = _load(model, dtype)
+    ops = []
+    for vectors, layer_spec, coef in loaded:
+        vectors.validate(m)
+        ops.append(steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=units))
+    if capping is not None:
+        capping.validate(m)
+        ops.append(cap_op(capping))
+    for vectors in monitors:
+        vectors.validate(m)
+        ops.append(project_op(vectors, label=Path(vectors.meta.extra.get("source", "")).stem or vectors.names[0]))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    out = generate_batch(m, [prompt_ids(m, messages)], sampling, ops=ops)[0]
+    console.print(out.text, markup=False, highlight=False)
+    if out.cap_hits:
+        err.print(f"[dim]cap moved {out.cap_hits} token×layer activations[/dim]")
+    for name, values in out.projections.items():
+        per_token = values.nanmean(dim=-1)
+        err.print(f"[dim]projection '{name}': mean {per_token.nanmean():.3f} over {len(per_token)} reply tokens[/dim]")
+
+
+def _parse_steer(spec: str) -> tuple[Path, str, float]:
+    path, sep1, rest = spec.rpartition(":")
+    file, sep2, layer = path.rpartition(":")
+    if not (sep1 and sep2 and file and layer):
+        raise PersonaxisError(f"bad --steer {spec!r}: use FILE:LAYER:COEF, e.g. evil.safetensors:20:2.0")
+    try:
+        coef = float(rest)
+    except ValueError:
+        raise PersonaxisError(f"bad --steer {spec!r}: the coefficient {rest!r} is not a number") from None
+    return Path(file), layer, coef
+
+
+@app.command("export-gguf")
+def export_gguf_cmd(
+    vector: Annotated[Path, typer.Argument(help="a vectors .safetensors file")],
+    out: Annotated[Path, typer.Option(help="output .gguf")],
+    name: Annotated[str | None, typer.Option(help="which direction, if the file has several")] = None,
+    scale: float = 1.0,
+):
+    """Write a llama.cpp control vector (direction.i = block i)."""
+    from personaxis.vectors import Vectors, export_gguf
+
+    _check_writable(out)
+    path = export_gguf(Vectors.load(vector), out, name=name, scale=scale)
+    console.print(f"wrote {path}")
+
+
+@app.command("import")
+def import_cmd(
+    source: Annotated[Path, typer.Argument(help="a reference .pt file or folder, or a control-vector .gguf")],
+    out: Annotated[Path, typer.Option(help="output .safetensors")],
+    model_id: Annotated[str | None, typer.Option(help="the model the vectors belong to")] = None,
+    format: Annotated[str | None, typer.Option(help="force a format instead of detecting it")] = None,
+):
+    """Convert reference-format vectors (assistant-axis, persona_vectors, llama.cpp GGUF) into a personaxis artifact."""
+    from personaxis.vectors import import_gguf, import_vectors
+
+    _check_writable(out)
+    if source.suffix == ".gguf":
+        vectors = import_gguf(source)
+    else:
+        vectors = import_vectors(source, format=format, model_id=model_id)
+    vectors.save(out)
+    console.print(f"wrote {out}: {vectors!r}")
+
+
+@app.command()
+def demo(
+    model: ModelOpt = "default",
+    out: Annotated[Path, typer.Option(help="folder for the vector it builds")] = Path("runs/demo"),
+    dtype: DtypeOpt = "auto",
+):
+    """Extract a persona direction from contrasting system prompts, steer with it, and show the projections."""
+    from personaxis.demo import run_demo
+
+    run_demo(_load(model, dtype), out, console)
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.expanduser().resolve().parent
+    if not folder.exists():
+        raise PersonaxisError(f"the folder {folder} does not exist")
+    if path.is_dir():
+        raise PersonaxisError(f"{path} is a folder, expected a file path")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except PersonaxisError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

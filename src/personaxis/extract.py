@@ -1,0 +1,72 @@
+"""Directions from chats: the mean of span activations over a set, or the difference between two sets' means.
+
+Every artifact records the model's mean residual norm per layer on neutral text, so that a coefficient can be given
+relative to it (see `personaxis.steering`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from personaxis.capture import iter_means, residual_norms
+from personaxis.datasets import neutral_texts
+from personaxis.model.loading import ChatModel
+from personaxis.vectors import VectorMeta, Vectors, config_hash
+
+Chat = Sequence[dict[str, str]]
+
+
+def meta_for(model: ChatModel, *, method: str, points_toward: str, aggregation: str, counts: dict[str, int],
+             config: dict[str, Any], mean_norms: dict[int, float] | None = None) -> VectorMeta:  # fmt: skip
+    """Metadata every artifact made from `model` carries."""
+    return VectorMeta(
+        model_id=model.name,
+        model_revision=model.revision,
+        hidden_size=model.hidden_size,
+        n_layers=model.n_layers,
+        method=method,
+        points_toward=points_toward,
+        aggregation=aggregation,
+        counts=counts,
+        mean_norms=mean_norms if mean_norms is not None else residual_norms(model, neutral_texts()),
+        config_hash=config_hash(config),
+        extra={"model_type": model.model_type},
+    )
+
+
+def sum_means(
+    model: ChatModel, chats: Sequence[Chat], layers: Sequence[int], aggregation: str = "response", batch_size: int = 8
+) -> tuple[torch.Tensor, int]:
+    """Sum over chats of their [L, H] span means, and the count, streamed batch by batch (memory flat in N)."""
+    total = torch.zeros(len(layers), model.hidden_size)
+    for _, means in iter_means(model, chats, layers, (aggregation,), batch_size=batch_size, progress=True):
+        total += means[:, 0].sum(dim=0)
+    return total, len(chats)
+
+
+def mean_vectors(
+    model: ChatModel, chats: Sequence[Chat], layers: Sequence[int], *, aggregation: str = "response",
+    name: str = "mean", batch_size: int = 8,
+) -> Vectors:  # fmt: skip
+    total, n = sum_means(model, chats, layers, aggregation, batch_size)
+    config = {"method": "mean", "layers": list(layers), "aggregation": aggregation, "n": n}
+    meta = meta_for(model, method="mean", points_toward="the mean activation of the chats", aggregation=aggregation,
+                    counts={"chats": n}, config=config)  # fmt: skip
+    return Vectors(layers, {name: total / n}, meta)
+
+
+def mean_difference(
+    model: ChatModel, positive: Sequence[Chat], negative: Sequence[Chat], layers: Sequence[int], *,
+    aggregation: str = "response", name: str = "direction", points_toward: str = "the positive chats",
+    batch_size: int = 8,
+) -> Vectors:  # fmt: skip
+    """mean(positive) − mean(negative) at each layer: the persona-vector recipe."""
+    pos, n_pos = sum_means(model, positive, layers, aggregation, batch_size)
+    neg, n_neg = sum_means(model, negative, layers, aggregation, batch_size)
+    config = {"method": "mean_diff", "layers": list(layers), "aggregation": aggregation, "n": [n_pos, n_neg]}
+    meta = meta_for(model, method="mean_diff", points_toward=points_toward, aggregation=aggregation,
+                    counts={"positive": n_pos, "negative": n_neg}, config=config)  # fmt: skip
+    return Vectors(layers, {name: pos / n_pos - neg / n_neg}, meta)
