@@ -150,6 +150,10 @@ def load_model(
         raise PersonaxisError(f"no model at {spec}")
     else:
         kwargs["revision"] = revision
+        if not _in_hub_cache(spec, revision) and not _hub_reachable():
+            raise PersonaxisError(
+                f"cannot load model '{spec}': not a local path, not cached, and the model hub is unreachable"
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_tok_kwargs(kwargs))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -164,3 +168,27 @@ def load_model(
 
 def _tok_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "trust_remote_code")}
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt: an offline machine fails in seconds, not after minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
