@@ -202,6 +202,10 @@ def _check_writable(path: Path) -> None:
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own status line says what is loading
+    hf_logging.set_verbosity_error()
     try:
         app(standalone_mode=False)
     except PersonaxisError as exc:

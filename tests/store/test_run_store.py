@@ -1,6 +1,7 @@
 import dataclasses
 import multiprocessing
 import os
+import pickle
 import signal
 import sqlite3
 import sys
@@ -217,6 +218,14 @@ def test_two_processes_write_at_once(tmp_path):
             rec = store.get("own", key(i=i, writer=writer))
             assert rec is not None and rec.data == payload(i)[0]
     assert store._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_pickles_as_its_folder(tmp_path):
+    store = RunStore(tmp_path, timeout=5)
+    store.put("s", "k", {"v": 1})
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.path == store.path and clone.timeout == 5
+    assert clone.get("s", "k").data == {"v": 1}
 
 
 def test_threads_share_one_store(tmp_path):

@@ -1,0 +1,157 @@
+"""The CLI end to end on a tiny model saved to a local folder (the real loading path), and its bad-input answers."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny import build_tokenizer, tiny_llama
+
+from personaxis.capture import encode_means
+from personaxis.cli import main
+from personaxis.model import load_model
+from personaxis.vectors import Vectors, import_gguf
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hello there"},
+     {"role": "assistant", "content": "Ahoy matey! How are you today?"}],
+    [{"role": "user", "content": "Tell me about the sea"}, {"role": "assistant", "content": "The waves and the wind."}],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, chats):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    return path
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_info(monkeypatch, capsys, folder):
+    code, out, _ = run(monkeypatch, capsys, "info", folder, "--dtype", "float32")
+    assert code == 0
+    assert "4 (at model.layers)" in out and "64" in out
+
+
+def test_extract_mean_and_diff(monkeypatch, capsys, folder, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    out = tmp_path / "means.safetensors"
+    code, _, err = run(monkeypatch, capsys, "extract", "-m", folder, "--chats", chats, "--layers", "1:3", "--out", out)
+    assert code == 0, err
+    vectors = Vectors.load(out)
+    assert vectors.layers == [1, 2]
+    model = load_model(folder)
+    expected = encode_means(model, CHATS, [1, 2])[:, 0].mean(0)
+    torch.testing.assert_close(vectors.data[vectors.names[0]], expected, rtol=1e-4, atol=1e-5)
+    assert vectors.meta.mean_norms and vectors.meta.counts == {"chats": 3}
+
+    neg = write_jsonl(tmp_path / "neg.jsonl", CHATS[::-1][:2])
+    diff = tmp_path / "diff.safetensors"
+    code, _, err = run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, neg, "--out", diff)
+    assert code == 0, err
+    d = Vectors.load(diff)
+    expected = encode_means(model, CHATS, d.layers)[:, 0].mean(0) - encode_means(model, CHATS[::-1][:2], d.layers)[
+        :, 0
+    ].mean(0)
+    torch.testing.assert_close(d.data["direction"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_steer_project_and_gguf(monkeypatch, capsys, folder, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    vec = tmp_path / "v.safetensors"
+    assert run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, chats, "--out", vec)[0] == 2  # a - a = 0
+    neg = write_jsonl(tmp_path / "neg.jsonl", CHATS[:1])
+    assert run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, neg, "--out", vec)[0] == 0
+    code, out, err = run(
+        monkeypatch, capsys, "generate", "-m", folder, "-p", "Hello", "--steer", f"{vec}:1:2.0",
+        "--project", vec, "--max-tokens", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "projection" in err
+    gguf = tmp_path / "v.gguf"
+    assert run(monkeypatch, capsys, "export-gguf", vec, "--out", gguf)[0] == 0
+    back = import_gguf(gguf)
+    original = Vectors.load(vec)
+    for layer in back.layers:  # llama.cpp's direction.i is block i
+        torch.testing.assert_close(back.direction(layer), original.direction(layer))
+
+
+def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text(json.dumps({"messages": CHATS[0]}) + "\n{not json\n")
+    no_reply = write_jsonl(tmp_path / "noreply.jsonl", [[{"role": "user", "content": "hi"}]])
+    nan_file = tmp_path / "nan.safetensors"  # a well-formed artifact whose numbers went bad
+    good = Vectors([0, 1, 2, 3], {"direction": torch.randn(4, 64)}, _meta()).save(tmp_path / "good.safetensors")
+    with safe_open(str(good), "pt") as f:
+        metadata, layers = f.metadata(), f.get_tensor("layers")
+    save_file({"direction": torch.full((4, 64), float("nan")), "layers": layers}, str(nan_file), metadata=metadata)
+    pickle_file = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"axis": Evil()}, pickle_file)
+    not_cv = tmp_path / "model.gguf"
+    import gguf
+
+    writer = gguf.GGUFWriter(str(not_cv), "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(2, 2).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # a vector of another hidden size
+    big = tmp_path / "big.safetensors"
+    assert run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, no_reply, "--out", big)[0] == 2
+
+    cases = [
+        (["info", tmp_path / "missing"], "no model at"),
+        (["extract", "-m", folder, "--chats", bad_line, "--out", tmp_path / "x.safetensors"], "line 2"),
+        (["extract", "-m", folder, "--chats", no_reply, "--out", tmp_path / "x.safetensors"], "no assistant turn"),
+        (["extract", "-m", folder, "--chats", chats, "--layers", "7", "--out", tmp_path / "x.safetensors"], "range"),
+        (["generate", "-m", folder, "-p", "hi", "--steer", f"{nan_file}:1:1"], "NaN"),
+        (["generate", "-m", folder, "-p", "hi", "--steer", "nocolons"], "FILE:LAYER:COEF"),
+        (["import", pickle_file, "--out", tmp_path / "x.safetensors"], "refusing"),
+        (["import", not_cv, "--out", tmp_path / "x.safetensors"], "control vector"),
+    ]
+    for args, message in cases:
+        code, _, err = run(monkeypatch, capsys, *args)
+        assert code == 2, (args, err)
+        assert message in err, (args, err)
+        assert "Traceback" not in err and err.strip().count("\n") == 0, err
+        assert "pwned" not in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def _meta(hidden: int = 64):
+    from personaxis.vectors import VectorMeta
+
+    return VectorMeta(model_id="other", hidden_size=hidden, n_layers=4, method="mean_diff", points_toward="x")
+
+
+def test_vector_of_another_model_is_refused(monkeypatch, capsys, folder, tmp_path):
+    path = Vectors([1], {"v": torch.randn(1, 32)}, _meta(32)).save(tmp_path / "other.safetensors")
+    code, _, err = run(monkeypatch, capsys, "generate", "-m", folder, "-p", "hi", "--steer", f"{path}:1:1")
+    assert code == 2 and "hidden size" in err
