@@ -1,0 +1,218 @@
+"""Resumable pipeline stages: rollouts (generation with one-pass capture) and captures of finished chats.
+
+Both pipelines (persona vectors, the Assistant Axis) are lists of samples pushed through these stages. A sample's
+record lives in the run store under a content hash of everything that determines it (the model, the chat, the sampling
+settings with their seed, the layers captured), so a rerun computes only what is missing and a changed setting makes
+new records instead of overwriting old ones.
+
+Where generation happens is a `Backend`: `LocalBackend` generates and captures in one pass on the local model; other
+backends (several processes or machines, an OpenAI-compatible server plus a local capture pass) implement the same
+`identity` / `stream` pair. Results stream back in small groups and are written as they arrive, so a killed run loses
+at most the group in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from personaxis.capture import AGGREGATIONS, iter_means
+from personaxis.errors import PersonaxisError
+from personaxis.generate import CAPTURES, Sampling, generate_batch, prompt_ids
+from personaxis.model.loading import ChatModel
+from personaxis.store import Record, RunStore, key
+
+ROLLOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One reply to generate: the prompt chat, its sampling settings (seed included) and labels for later stages."""
+
+    id: str
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs, hashable
+    sampling: Sampling
+    labels: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def make(cls, id: str, messages: Sequence[dict[str, str]], sampling: Sampling, **labels: Any) -> Rollout:
+        return cls(id, tuple((m["role"], m["content"]) for m in messages), sampling, labels)
+
+    @property
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+
+@dataclass
+class RolloutResult:
+    rollout: Rollout
+    text: str
+    finish_reason: str
+    n_tokens: int
+    means: dict[str, torch.Tensor]  # capture name -> [L, H]
+
+
+class Backend(Protocol):
+    def identity(self) -> dict[str, Any]:
+        """What, besides the sample itself, determines a result (model, revision, layers...): part of every key."""
+
+    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        """Generate and capture `rollouts`, yielding results group by group in any order."""
+
+
+class LocalBackend:
+    """Generation and capture in one pass on a local model, batched by prompt length."""
+
+    def __init__(
+        self, model: ChatModel, layers: Sequence[int], captures: Sequence[str] = ("response",), batch_size: int = 8
+    ) -> None:
+        self.model, self.layers, self.captures, self.batch_size = model, list(layers), tuple(captures), batch_size
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name,
+            "revision": self.model.revision,
+            "dtype": str(self.model.dtype),
+            "layers": self.layers,
+            "captures": self.captures,
+        }
+
+    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
+        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outs = generate_batch(
+                self.model,
+                [prompts[i] for i in chunk],
+                [rollouts[i].sampling for i in chunk],
+                capture_layers=self.layers,
+                captures=self.captures,
+            )
+            yield [
+                RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
+                for i, o in zip(chunk, outs, strict=True)
+            ]
+
+
+def rollout_key(backend_identity: dict[str, Any], rollout: Rollout) -> str:
+    return key(
+        stage="rollout",
+        version=ROLLOUT_VERSION,
+        backend=backend_identity,
+        messages=rollout.messages,
+        sampling=asdict(rollout.sampling),
+    )
+
+
+def _progress(description: str, enabled: bool) -> Progress:
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, disable=not enabled)
+
+
+def run_rollouts(
+    store: RunStore,
+    rollouts: Sequence[Rollout],
+    backend: Backend,
+    *,
+    stage: str = "rollouts",
+    progress: bool = True,
+) -> dict[str, Record]:
+    """Generate what is missing, write each result atomically, and return {rollout id: record} for all of them."""
+    identity = backend.identity()
+    keys = {r.id: rollout_key(identity, r) for r in rollouts}
+    if len(keys) != len(rollouts):
+        raise PersonaxisError("rollout ids must be unique")
+    todo = set(store.pending(stage, keys.values()))
+    pending = [r for r in rollouts if keys[r.id] in todo]
+    with _progress(f"{stage} ({len(rollouts) - len(pending)} done before)", progress) as bar:
+        task = bar.add_task("", total=len(pending))
+        for results in backend.stream(pending) if pending else ():
+            store.put_many(
+                stage,
+                [
+                    (
+                        keys[r.rollout.id],
+                        {
+                            "id": r.rollout.id,
+                            "text": r.text,
+                            "finish_reason": r.finish_reason,
+                            "n_tokens": r.n_tokens,
+                            "labels": r.rollout.labels,
+                        },
+                        r.means,
+                    )
+                    for r in results
+                ],
+            )
+            bar.advance(task, len(results))
+    return _read(store, stage, keys)
+
+
+def capture_key(
+    model: ChatModel, chat: Sequence[dict[str, str]], layers: Sequence[int], aggregations: Sequence[str]
+) -> str:
+    return key(
+        stage="capture",
+        model=model.name,
+        revision=model.revision,
+        dtype=str(model.dtype),
+        chat=[(m["role"], m["content"]) for m in chat],
+        layers=list(layers),
+        aggregations=list(aggregations),
+    )
+
+
+def run_captures(
+    store: RunStore,
+    model: ChatModel,
+    chats: dict[str, Sequence[dict[str, str]]],
+    layers: Sequence[int],
+    aggregations: Sequence[str] = AGGREGATIONS,
+    *,
+    stage: str = "captures",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Record]:
+    """Span means of finished chats ({id: chat}), computed once per (model, chat, layers) and kept in the store."""
+    keys = {cid: capture_key(model, chat, layers, aggregations) for cid, chat in chats.items()}
+    todo = set(store.pending(stage, keys.values()))
+    ids = [cid for cid in chats if keys[cid] in todo]
+    with _progress(f"{stage} ({len(chats) - len(ids)} done before)", progress) as bar:
+        task = bar.add_task("", total=len(ids))
+        batches = iter_means(model, [chats[c] for c in ids], layers, aggregations, batch_size=batch_size)
+        for chunk, means in batches if ids else ():
+            store.put_many(
+                stage,
+                [
+                    (keys[ids[i]], {"id": ids[i]}, {name: means[j, a] for a, name in enumerate(aggregations)})
+                    for j, i in enumerate(chunk)
+                ],
+            )
+            bar.advance(task, len(chunk))
+    return _read(store, stage, keys)
+
+
+def _read(store: RunStore, stage: str, keys: dict[str, str]) -> dict[str, Record]:
+    out = {}
+    for sample_id, k in keys.items():
+        record = store.get(stage, k)
+        if record is None:
+            raise PersonaxisError(f"{stage}: the record of {sample_id} is missing after the stage ran")
+        out[sample_id] = record
+    return out
+
+
+__all__ = [
+    "CAPTURES",
+    "Backend",
+    "LocalBackend",
+    "Rollout",
+    "RolloutResult",
+    "run_captures",
+    "run_rollouts",
+]
