@@ -193,6 +193,33 @@ def demo(
     run_demo(_load(model, dtype), out, console)
 
 
+@app.command()
+def serve(
+    model: ModelOpt = "default",
+    axis: Annotated[
+        Path | None, typer.Option(help="Assistant Axis vectors: enables axis telemetry and the closed loop")
+    ] = None,
+    caps: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
+    vectors: Annotated[Path | None, typer.Option(help="a folder of vector files, named by file stem")] = None,
+    host: Annotated[str, typer.Option(help="bind address; anything but loopback needs --api-key")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="PERSONAXIS_API_KEY")] = None,
+    space: Annotated[Path | None, typer.Option(help="persona-space coordinates (JSON) for the dashboard")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="closed loop: cap a conversation once its axis projection falls below")
+    ] = None,
+    window: Annotated[int, typer.Option(help="closed loop: how many recent turns are averaged")] = 2,
+    dtype: DtypeOpt = "auto",
+):
+    """OpenAI-compatible server with per-request steering and capping, axis telemetry and a dashboard at /."""
+    from personaxis.serve.run import run_server
+
+    run_server(
+        model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
+        space_path=space, threshold=threshold, window=window, dtype=dtype,
+    )  # fmt: skip
+
+
 def _check_writable(path: Path) -> None:
     folder = path.expanduser().resolve().parent
     if not folder.exists():

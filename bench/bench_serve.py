@@ -1,0 +1,196 @@
+"""Serving benchmark: throughput with 1, 4 and 8 streaming clients, time to first token, and a mixed-load run.
+
+Everything runs on loopback against an in-process server. The load run sends N greedy requests from 16 concurrent
+clients, each with one of a few intervention mixes (none, steering, a cap, both), and compares every reply with the
+same request served alone: dynamic batching must not change a single token.
+
+The steering directions here are seeded random unit directions (the bench needs interventions, not meaningful ones).
+
+    python bench/bench_serve.py [--model default] [--n 1000] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import socket
+import statistics
+import threading
+import time
+
+import httpx
+import torch
+import uvicorn
+
+from personaxis.model import load_model
+from personaxis.serve import Limits, create_app
+from personaxis.vectors.artifact import VectorMeta, Vectors
+from personaxis.vectors.cap import CapConfig
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for sleeping better.",
+    "Explain what a prime number is.",
+    "Write a haiku about the sea.",
+    "How do I reverse a list in Python?",
+    "Who are you?",
+]
+
+
+def synthetic(model) -> tuple[Vectors, CapConfig]:
+    g = torch.Generator().manual_seed(0)
+    n, h = model.n_layers, model.hidden_size
+    meta = VectorMeta(model_id=model.name, hidden_size=h, n_layers=n, method="random (bench)", points_toward="none",
+                      extra={"layer": n // 2})  # fmt: skip
+    vec = Vectors(range(n), {"r1": torch.randn(n, h, generator=g), "r2": torch.randn(n, h, generator=g)}, meta)
+    window = list(range(n // 2, min(n, n // 2 + 4)))
+    return vec, CapConfig.from_vectors(vec, {i: 2.0 for i in window}, name="r1")
+
+
+def mixes(model) -> list[dict]:
+    mid = model.n_layers // 2
+    return [
+        {},
+        {"steer": [{"vector": "bench:r1", "layer": mid, "coef": 6.0, "units": "raw"}]},
+        {"cap": "default"},
+        {"steer": [{"vector": "bench:r2", "layers": [mid - 2, mid], "coef": -4.0, "units": "raw"}], "cap": "default"},
+    ]
+
+
+def start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def stream_once(client: httpx.AsyncClient, body: dict) -> tuple[int, float, str]:
+    """(reply tokens, seconds to first token, text) of one streamed request."""
+    import json
+
+    t0, ttft, tokens, text = time.perf_counter(), None, 0, []
+    async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "token" in (chunk.get("personaxis") or {}):
+                tokens += 1
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+            if chunk["choices"]:
+                text.append(chunk["choices"][0]["delta"].get("content") or "")
+    return tokens, ttft or 0.0, "".join(text)
+
+
+async def throughput(url: str, clients: int, per_client: int, max_tokens: int) -> tuple[float, list[float]]:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def one(c: int) -> list[tuple[int, float]]:
+            out = []
+            for k in range(per_client):
+                q = QUESTIONS[(c + k) % len(QUESTIONS)]
+                body = {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0,
+                        "personaxis": {"monitor": []}}  # fmt: skip
+                n, ttft, _ = await stream_once(client, body)
+                out.append((n, ttft))
+            return out
+
+        t0 = time.perf_counter()
+        results = [x for xs in await asyncio.gather(*(one(c) for c in range(clients))) for x in xs]
+        wall = time.perf_counter() - t0
+    return sum(n for n, _ in results) / wall, [t for _, t in results]
+
+
+async def load(url: str, model, n: int, concurrency: int, max_tokens: int) -> dict:
+    specs = [(q, m) for q in QUESTIONS for m in mixes(model)]
+
+    def body(i: int) -> dict:
+        q, mix = specs[i % len(specs)]
+        return {"messages": [{"role": "user", "content": q}], "max_tokens": max_tokens, "temperature": 0,
+                "personaxis": mix}  # fmt: skip
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
+        async def ask(i: int) -> str:
+            r = await client.post("/v1/chat/completions", json=body(i))
+            r.raise_for_status()
+            return r.json()["choices"][0]["message"]["content"]
+
+        alone = [await ask(i) for i in range(len(specs))]
+        queue = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(i)
+        errors, differ = [], 0
+
+        async def worker() -> None:
+            nonlocal differ
+            while not queue.empty():
+                i = queue.get_nowait()
+                try:
+                    if await ask(i) != alone[i % len(specs)]:
+                        differ += 1
+                except Exception as exc:  # counted, not raised: the run measures how many fail
+                    errors.append(repr(exc))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"n": n, "errors": len(errors), "differ": differ, "wall": wall, "first_error": errors[:1]}
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", help="float32 keeps greedy replies independent of batch shape")
+    parser.add_argument("--n", type=int, default=1000, help="requests in the load run")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64, help="reply length in the throughput runs")
+    parser.add_argument("--load-tokens", type=int, default=24, help="reply length in the load run")
+    parser.add_argument("--per-client", type=int, default=4, help="requests per client in the throughput runs")
+    args = parser.parse_args()
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    vectors, cap = synthetic(model)
+    app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16))
+    server, thread, url = start(app)
+    device = (
+        torch.cuda.get_device_name()
+        if model.device.type == "cuda"
+        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    )
+    print(f"model {model.name} · {model.dtype} · {device}")
+    try:
+        asyncio.run(throughput(url, 1, 1, 8))  # warm-up
+        rates = {}
+        for clients in (1, 4, 8):
+            rate, ttfts = asyncio.run(throughput(url, clients, args.per_client, args.max_tokens))
+            rates[clients] = rate
+            print(f"{clients} streaming clients: {rate:8.1f} tok/s aggregate · "
+                  f"TTFT p50 {pct(ttfts, 50) * 1000:6.0f} ms, p95 {pct(ttfts, 95) * 1000:6.0f} ms")  # fmt: skip
+        print(
+            f"scaling: 4 clients {rates[4] / rates[1]:.2f}× · 8 clients {rates[8] / rates[1]:.2f}× of 1 (goal 8 ≥ 4×)"
+        )
+        result = asyncio.run(load(url, model, args.n, args.concurrency, args.load_tokens))
+        print(f"load: {result['n']} greedy requests, {args.concurrency} concurrent, mixed interventions, "
+              f"{args.load_tokens} tokens: {result['errors']} errors, {result['differ']} differ from the same request "
+              f"alone · {result['wall']:.1f} s ({result['n'] / result['wall']:.1f} req/s)")  # fmt: skip
+        if result["first_error"]:
+            print("first error:", result["first_error"][0])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

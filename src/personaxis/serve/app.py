@@ -1,0 +1,426 @@
+"""The OpenAI-compatible server: chat completions with per-request steering, capping and per-token telemetry.
+
+Shapes follow OpenAI's so the official SDK works unchanged; everything personaxis adds lives under a `personaxis` key,
+in requests (the SDK's `extra_body`) and in responses and stream chunks (see docs/serve.md for the schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from personaxis.errors import PersonaxisError
+from personaxis.generate import Generation, Sampling, prompt_ids
+from personaxis.model import ChatModel
+from personaxis.serve.loop import ClosedLoop, Conversations, conversation_key
+from personaxis.serve.metrics import Metrics
+from personaxis.serve.plan import Plan, Registry, make_plan
+from personaxis.serve.schema import ChatRequest, explain
+from personaxis.serve.worker import Job, QueueFull, Worker
+from personaxis.vectors.artifact import Vectors
+from personaxis.vectors.cap import CapConfig
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one client from starving the others; each is answered with a clear 4xx."""
+
+    max_body_bytes: int = 1_000_000  # 413
+    max_tokens: int = 1024  # 400 above
+    default_max_tokens: int = 256
+    max_prompt_tokens: int = 8192  # 400 above
+    max_queue: int = 64  # 429 when more are waiting
+    max_batch: int = 16
+
+
+@dataclass
+class _Context:
+    """One accepted request on its way through the worker."""
+
+    job: Job
+    key: str  # conversation
+    turn: int  # index of the assistant turn being generated
+    watch: str | None  # the vector the closed loop watches, if it runs for this request
+    id: str
+    created: int
+
+
+class ClientGone(Exception):
+    """The client disconnected; its job has been cancelled."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
+    """OpenAI's error shape, so SDKs raise their usual exceptions with our message."""
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class Detokenizer:
+    """Incremental decoding that never emits half a UTF-8 character or a prefix the next token would rewrite."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.prefix, self.read, self.sent = tokenizer, [], 0, 0, ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        delta = after[len(before) :]
+        self.sent += delta
+        return delta
+
+    def finish(self, text: str) -> str:
+        """Whatever of the final text has not been sent yet."""
+        return text[len(self.sent) :] if text.startswith(self.sent) else ""
+
+
+def default_policy(registry: Registry) -> ClosedLoop:
+    """Watch the axis; act below the default cap's threshold at the axis layer when the cap covers that layer."""
+    axis, cap = registry.directions.get("axis"), registry.caps.get("default")
+    if axis is None or cap is None or axis.layer not in cap.layers or cap.kind != "floor":
+        return ClosedLoop(threshold=None)
+    return ClosedLoop(threshold=cap.threshold(axis.layer))
+
+
+def create_app(
+    model: ChatModel,
+    *,
+    axis: Vectors | None = None,
+    caps: CapConfig | Mapping[str, CapConfig] | None = None,
+    vectors: Mapping[str, Vectors] | None = None,
+    api_key: str | None = None,
+    limits: Limits = Limits(),
+    policy: ClosedLoop | None = None,
+    space: dict | None = None,
+) -> FastAPI:
+    """Build the app. The model is used by one worker thread only, started and stopped with the app's lifespan.
+
+    `axis` is named "axis"; `vectors` are named by their keys (`key:direction` for multi-direction files); a single
+    `caps` is named "default". `space` (optional) is the persona-space view served to the dashboard, e.g.
+    `{"points": [{"name": "pirate", "x": -1.2, "y": 0.3}, ...], "axis_x": [x0, x1]}`.
+    """
+    registry = Registry.build(axis=axis, vectors=vectors, caps=caps, model=model)
+    policy = policy or default_policy(registry)
+    conversations = Conversations(policy)
+    metrics = Metrics()
+    metrics.queue.set_function(lambda: worker.waiting)
+    worker = Worker(model, registry, max_batch=limits.max_batch, max_queue=limits.max_queue, on_batch=metrics.batch)
+    model_id = model.name
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="personaxis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker, app.state.registry, app.state.metrics, app.state.policy = worker, registry, metrics, policy
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # noqa: ANN202 - starlette's middleware signature
+        path = request.url.path
+        if api_key is not None and (path.startswith("/v1") or path == "/metrics"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                response = _error(
+                    401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "authentication_error"
+                )
+                metrics.requests.labels(path, "401").inc()
+                return response
+        response = await call_next(request)
+        if path.startswith("/v1") or path == "/metrics":
+            metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(resources.files("personaxis.serve").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "personaxis"}],
+        }
+
+    @app.get("/v1/personaxis/info")
+    async def info() -> dict:
+        """What the dashboard needs to draw its controls."""
+        return {
+            "model": model_id,
+            "n_layers": model.n_layers,
+            "vectors": [d.describe() for d in registry.directions.values()],
+            "caps": {name: {"layers": c.layers, "tau": c.tau, "kind": c.kind} for name, c in registry.caps.items()},
+            "closed_loop": {
+                "threshold": policy.threshold,
+                "window": policy.window,
+                "vector": policy.vector,
+                "cap": policy.cap if policy.cap in registry.caps else None,
+            },
+            "limits": {"max_tokens": limits.max_tokens, "default_max_tokens": limits.default_max_tokens},
+            "space": space is not None,
+        }
+
+    @app.get("/v1/personaxis/space")
+    async def persona_space() -> dict:
+        if space is None:
+            raise ApiError(
+                404,
+                "this server has no persona-space view (start it with an axis build that has one)",
+                "not_found_error",
+            )
+        return space
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = _validate(await _read_body(request, limits.max_body_bytes))
+        max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+        if max_tokens > limits.max_tokens:
+            raise ApiError(
+                400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}", param="max_tokens"
+            )
+        messages = req.chat()
+        try:
+            prompt = prompt_ids(model, messages)
+        except PersonaxisError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        if len(prompt) > limits.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"the prompt has {len(prompt)} tokens, above the limit of {limits.max_prompt_tokens}",
+                param="messages",
+            )
+        ext = req.personaxis
+        key = conversation_key(ext.conversation_id, messages)
+        turn = sum(m["role"] == "assistant" for m in messages)
+        looped = ext.closed_loop and policy.cap in registry.caps and conversations.capped(key)
+        watch = policy.vector if ext.closed_loop and policy.vector in registry.directions else None
+        try:
+            plan = make_plan(registry, ext, model.n_layers, loop_cap=policy.cap if looped else None, also_monitor=watch)
+            sampling = Sampling(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        except PersonaxisError as exc:
+            raise ApiError(400, str(exc), param="personaxis") from None
+        job = Job(prompt, sampling, plan, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), "rate_limit_error") from None
+        if plan.cap_source:
+            metrics.capped.labels(plan.cap_source).inc()
+        context = _Context(job, key, turn, watch, f"chatcmpl-{uuid.uuid4().hex}", int(time.time()))
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream(request, context, usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            return JSONResponse(await _complete(request, context))
+        except ClientGone:
+            return Response(status_code=499)
+
+    def _summary(ctx: _Context, generation: Generation) -> dict:
+        plan: Plan = ctx.job.plan
+        monitor = {}
+        for name in plan.monitor:
+            values = generation.projections.get(f"monitor:{name}")
+            tokens = [_finite(float(v)) for v in values[:, 0]] if values is not None else []
+            real = [v for v in tokens if v is not None]
+            mean = sum(real) / len(real) if real else None
+            monitor[name] = {"layer": registry.directions[name].layer, "tokens": tokens, "mean": mean}
+            if mean is not None:
+                metrics.turn_projection.labels(name).observe(mean)
+        loop = None
+        if ctx.watch is not None:
+            loop = conversations.record(
+                ctx.key, ctx.turn, monitor[ctx.watch]["mean"], can_cap=policy.cap in registry.caps
+            )
+            for event in loop["events"]:
+                (metrics.alarms if event["type"] == "alarm" else metrics.cap_activations).inc()
+        return {
+            "conversation_id": ctx.key,
+            "turn": ctx.turn,
+            "monitor": monitor,
+            "steer": plan.steer,
+            "cap": {"name": plan.cap, "source": plan.cap_source, "hits": generation.cap_hits},
+            "closed_loop": loop,
+            "events": loop["events"] if loop else [],
+        }
+
+    def _usage(ctx: _Context, generation: Generation) -> dict:
+        n_prompt, n_reply = len(ctx.job.prompt), len(generation.token_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_reply, "total_tokens": n_prompt + n_reply}
+
+    async def _next(request: Request, job: Job) -> tuple:
+        """The job's next event; cancels the job if the client goes away while we wait."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    raise ClientGone from None
+
+    async def _complete(request: Request, ctx: _Context) -> dict:
+        first = True
+        try:
+            while True:
+                event = await _next(request, ctx.job)
+                if event[0] == "token" and first:
+                    metrics.ttft.observe(time.perf_counter() - ctx.job.enqueued)
+                    first = False
+                elif event[0] == "error":
+                    raise ApiError(500, event[1], "server_error")
+                elif event[0] == "done":
+                    generation: Generation = event[1]
+                    return {
+                        "id": ctx.id,
+                        "object": "chat.completion",
+                        "created": ctx.created,
+                        "model": model_id,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": generation.text},
+                                "finish_reason": generation.finish_reason,
+                                "logprobs": None,
+                            }
+                        ],
+                        "usage": _usage(ctx, generation),
+                        "personaxis": _summary(ctx, generation),
+                    }
+        finally:
+            ctx.job.cancelled = True  # no-op when done; stops generation if this handler was cancelled
+
+    async def _stream(request: Request, ctx: _Context, include_usage: bool) -> AsyncIterator[str]:
+        def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> str:
+            body = {
+                "id": ctx.id,
+                "object": "chat.completion.chunk",
+                "created": ctx.created,
+                "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
+            if extra is not None:
+                body["personaxis"] = extra
+            return f"data: {json.dumps(body)}\n\n"
+
+        detok = Detokenizer(model.tokenizer)
+        first = True
+        try:
+            plan = ctx.job.plan
+            start = {
+                "conversation_id": ctx.key,
+                "turn": ctx.turn,
+                "monitor": {name: {"layer": registry.directions[name].layer} for name in plan.monitor},
+                "steer": plan.steer,
+                "cap": {"name": plan.cap, "source": plan.cap_source},
+            }
+            yield chunk({"role": "assistant", "content": ""}, extra={"start": start})
+            while True:
+                event = await _next(request, ctx.job)
+                if event[0] == "token":
+                    if first:
+                        metrics.ttft.observe(time.perf_counter() - ctx.job.enqueued)
+                        first = False
+                    _, token, values = event
+                    text = detok.push(token)
+                    projections = {k: _finite(v) for k, v in values.items()}
+                    yield chunk({"content": text}, extra={"token": {"id": token, "projections": projections}})
+                elif event[0] == "error":
+                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+                    break
+                else:
+                    generation: Generation = event[1]
+                    rest = detok.finish(generation.text)
+                    summary = _summary(ctx, generation)
+                    yield chunk({"content": rest} if rest else {}, generation.finish_reason, extra=summary)
+                    if include_usage:
+                        body = {
+                            "id": ctx.id,
+                            "object": "chat.completion.chunk",
+                            "created": ctx.created,
+                            "model": model_id,
+                            "choices": [],
+                            "usage": _usage(ctx, generation),
+                        }
+                        yield f"data: {json.dumps(body)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        finally:
+            ctx.job.cancelled = True
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes: a declared or actual larger body is refused before it is buffered."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes is above the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"request body is above the limit of {limit} bytes")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _validate(body: bytes) -> ChatRequest:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(400, explain(exc)) from None
