@@ -76,16 +76,28 @@ def prompt_ids(model: ChatModel, messages: Sequence[dict[str, str]]) -> list[int
     return model.render(list(messages), add_generation_prompt=True).input_ids.tolist()
 
 
-def _sample(logits: torch.Tensor, settings: Sampling, generator: torch.Generator | None) -> int:
-    if settings.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / settings.temperature, dim=-1)
-    if settings.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        drop = sorted_probs.cumsum(0) - sorted_probs > settings.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+def _sample_step(
+    logits: torch.Tensor, settings: Sequence[Sampling], generators: Sequence[torch.Generator | None], active: list[bool]
+) -> list[int | None]:
+    """Next token of every active row, with one device-to-host transfer for the whole batch."""
+    rows = [b for b in range(len(active)) if active[b]]
+    greedy = [b for b in rows if settings[b].temperature == 0]
+    sampled = [b for b in rows if settings[b].temperature > 0]
+    out: list[int | None] = [None] * len(active)
+    if greedy:
+        for b, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
+            out[b] = token
+    if sampled:
+        temperatures = torch.tensor([settings[b].temperature for b in sampled], device=logits.device)
+        probs = torch.softmax(logits[sampled].float() / temperatures[:, None], dim=-1).cpu()
+        for row, b in enumerate(sampled):
+            p = probs[row]
+            if settings[b].top_p < 1:
+                sorted_probs, order = p.sort(descending=True)
+                sorted_probs[sorted_probs.cumsum(0) - sorted_probs > settings[b].top_p] = 0
+                p = torch.zeros_like(p).scatter_(0, order, sorted_probs)
+            out[b] = int(torch.multinomial(p, 1, generator=generators[b]))
+    return out
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
@@ -149,10 +161,11 @@ def generate_batch(
         while True:
             feed = torch.zeros(batch, dtype=torch.long)
             step_ids = torch.full((batch,), pad, dtype=torch.long)
+            sampled = _sample_step(logits, settings, generators, active)
             for b in range(batch):
-                if not active[b]:
+                token = sampled[b]
+                if token is None:
                     continue
-                token = _sample(logits[b], settings[b], generators[b])
                 if token in stops:
                     finish[b], active[b] = "stop", False
                     continue

@@ -33,11 +33,8 @@ class _Step:
     valid: torch.Tensor  # [B, T] bool
     columns: torch.Tensor  # [T] absolute column of each position (left padding included)
     last_prompt: torch.Tensor  # [B] absolute column of each row's last prompt token
+    start: int  # absolute column of the first position, kept on the host
     cache: dict[Any, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def start(self) -> int:
-        return int(self.columns[0])
 
 
 @dataclass
@@ -53,7 +50,7 @@ class Trace:
     def __init__(self) -> None:
         self._records: dict[str, _RecordState] = {}
         self._projections: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
-        self.cap_hits: torch.Tensor | None = None  # [B]: token × layer positions a cap moved, per row
+        self.cap_hits: torch.Tensor | None = None  # [B]: token × layer positions a cap moved, per row (on device)
 
     def record_names(self) -> list[str]:
         return list(self._records)
@@ -110,7 +107,12 @@ def _rewrap(output: Any, hidden: torch.Tensor) -> Any:
 
 
 class Engine:
-    """Hook manager for one model. Use `with engine.apply(ops) as trace:` around a forward pass or generation."""
+    """Hook manager for one model. Use `with engine.apply(ops) as trace:` around a forward pass or generation.
+
+    Hooks never wait on the device: positions are plain integers, vectors and weights are copied to each device once
+    per `apply`, and counters stay on the device until read. Under decoding on a GPU a single host sync per layer
+    would cost more than all of the ops' arithmetic.
+    """
 
     def __init__(self, model: ChatModel) -> None:
         self.model = model
@@ -134,7 +136,7 @@ class Engine:
                 trace._records[op.name] = _RecordState(op)
             if isinstance(op, Project):
                 trace._projections.setdefault(op.name, {})
-        state: dict[str, _Step | None] = {"step": None}
+        state: dict[str, Any] = {"step": None, "copies": {}}
         records = [op for op in ops if isinstance(op, Record)]
         handles = [self.model.base.register_forward_pre_hook(self._pre_hook(state, trace, records), with_kwargs=True)]
         for layer, layer_ops in sorted(by_layer.items()):
@@ -163,6 +165,14 @@ class Engine:
                             f"the model's hidden size is {hidden}"
                         )
 
+    @staticmethod
+    def _copy(state: dict, key: Any, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`tensor` on `device` in `dtype`, copied once per apply (a host-to-device copy waits for the device)."""
+        full = (key, device, dtype)
+        if full not in state["copies"]:
+            state["copies"][full] = tensor.to(device=device, dtype=dtype)
+        return state["copies"][full]
+
     def _pre_hook(self, state: dict, trace: Trace, records: list[Record]):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             inputs = kwargs.get("input_ids")
@@ -184,17 +194,18 @@ class Engine:
                 last = torch.where(valid, columns, torch.full_like(columns, -1)).max(dim=1).values
             else:
                 last = previous.last_prompt
-            step = _Step(valid=valid, columns=columns, last_prompt=last)
+            step = _Step(valid=valid, columns=columns, last_prompt=last, start=start)
             state["step"] = step
             for op in records:
-                weights = self._record_weights(op, step)
+                weights = self._record_weights(op, step, state)
                 record = trace._records[op.name]
                 counts = weights.sum(dim=1).float()
                 record.counts = counts if record.counts is None else record.counts + counts
 
         return hook
 
-    def _token_mask(self, op: Op, step: _Step) -> torch.Tensor:
+    def _token_mask(self, op: Op, step: _Step, state: dict) -> torch.Tensor:
+        """[B, T] positions the op applies to: real tokens, in its phase, in its rows."""
         key = ("mask", id(op))
         if key not in step.cache:
             mask = step.valid
@@ -203,25 +214,29 @@ class Engine:
             elif op.when == "response":
                 mask = mask & (step.columns[None, :] >= step.last_prompt[:, None])
             if op.rows is not None:
-                rows = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-                index = torch.tensor(op.rows, dtype=torch.long)
-                if index.numel() and (index.max() >= mask.shape[0] or index.min() < 0):
+                if any(not 0 <= r < mask.shape[0] for r in op.rows):
                     raise PersonaxisError(
                         f"{type(op).__name__}: rows {list(op.rows)} outside a batch of {mask.shape[0]}"
                     )
-                rows[index.to(mask.device)] = True
-                mask = mask & rows[:, None]
+                rows = torch.zeros(mask.shape[0], dtype=torch.bool)
+                rows[list(op.rows)] = True
+                mask = mask & self._copy(state, ("rows", id(op), mask.shape[0]), rows, mask.device, torch.bool)[:, None]
             step.cache[key] = mask
         return step.cache[key]
 
-    def _record_weights(self, op: Record, step: _Step) -> torch.Tensor:
+    def _intervention_mask(self, op: Op, step: _Step, state: dict) -> torch.Tensor | None:
+        """None when the op applies at every position: padding need not be masked, since nothing ever reads it."""
+        if op.when == "all" and op.rows is None:
+            return None
+        return self._token_mask(op, step, state)
+
+    def _record_weights(self, op: Record, step: _Step, state: dict) -> torch.Tensor:
         """[B, T, K] weights of the current positions, zero for padding and rows or phases the op skips."""
         key = ("weights", id(op))
         if key not in step.cache:
             batch, width = step.valid.shape
             device = step.valid.device
-            k = op.n_segments
-            weights = torch.zeros(batch, width, k, device=device)
+            weights = torch.zeros(batch, width, op.n_segments, device=device)
             known = 0
             if op.weights is not None:
                 stop = min(step.start + width, op.weights.shape[1])
@@ -231,59 +246,57 @@ class Engine:
                             f"record '{op.name}': weights for {op.weights.shape[0]} rows, batch has {batch}"
                         )
                     known = stop - step.start
-                    weights[:, :known] = op.weights[:, step.start : stop].to(device, torch.float32)
+                    full = self._copy(state, ("weights", id(op)), op.weights, device, torch.float32)
+                    weights[:, :known] = full[:, step.start : stop]
             if op.generated is not None and known < width:
-                weights[:, known:] = op.generated.to(device, torch.float32)
-            step.cache[key] = weights * self._token_mask(op, step)[..., None]
+                weights[:, known:] = self._copy(state, ("generated", id(op)), op.generated, device, torch.float32)
+            step.cache[key] = weights * self._token_mask(op, step, state)[..., None]
         return step.cache[key]
 
     def _block_hook(self, layer: int, ops: list[Op], state: dict, trace: Trace):
         interventions = [op for op in ops if isinstance(op, (Add, Ablate, Cap))]
         readouts = [op for op in ops if isinstance(op, (Project, Record))]
-        vectors: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-        def vector(op: Op, table: dict[int, torch.Tensor], device: torch.device) -> torch.Tensor:
-            key = (id(op), device)
-            if key not in vectors:
-                vectors[key] = table[layer].to(device)
-            return vectors[key]
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             step: _Step = state["step"]
             hidden = _unwrap(output)
-            work = hidden.float()
-            device = hidden.device
+            device, dtype = hidden.device, hidden.dtype
             for op in interventions:
-                mask = self._token_mask(op, step).to(device)
+                mask = self._intervention_mask(op, step, state)
                 if isinstance(op, Add):
-                    work = work + mask[..., None] * vector(op, op.deltas, device)
+                    delta = self._copy(state, ("delta", id(op), layer), op.deltas[layer], device, dtype)
+                    hidden = hidden + (delta if mask is None else mask[..., None].to(dtype) * delta)
                     continue
-                unit = vector(op, op.directions, device)
-                projection = work @ unit
+                unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
+                projection = hidden.float() @ unit  # fp32, whatever the model dtype
                 if isinstance(op, Ablate):
                     shift = -projection
                 else:
                     lo = op.floor[layer] if op.floor else None
                     hi = op.ceiling[layer] if op.ceiling else None
                     shift = projection.clamp(min=lo, max=hi) - projection
-                    hits = ((shift != 0) & mask).sum(dim=1).cpu()
+                if mask is not None:
+                    shift = shift * mask
+                if isinstance(op, Cap):
+                    hits = (shift != 0).sum(dim=1)
                     trace.cap_hits = hits if trace.cap_hits is None else trace.cap_hits + hits
-                work = work + (shift * mask)[..., None] * unit
-            for op in readouts:
-                if isinstance(op, Project):
-                    mask = self._token_mask(op, step).to(device)
-                    values = (work @ vector(op, op.directions, device)).masked_fill(~mask, float("nan"))
-                    trace._projections[op.name].setdefault(layer, []).append((step.start, values.detach()))
-                else:
-                    weights = self._record_weights(op, step).to(device)
-                    record = trace._records[op.name]
-                    if op.stat == "mean":
-                        total = torch.einsum("btk,bth->bkh", weights, work.detach())
+                hidden = hidden + (shift[..., None] * unit).to(dtype)  # untouched tokens get + 0: exactly unchanged
+            if readouts:
+                work = hidden.detach().float()
+                for op in readouts:
+                    if isinstance(op, Project):
+                        mask = self._token_mask(op, step, state)
+                        unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
+                        values = (work @ unit).masked_fill(~mask, float("nan"))
+                        trace._projections[op.name].setdefault(layer, []).append((step.start, values))
                     else:
-                        total = torch.einsum("btk,bt->bk", weights, work.detach().norm(dim=-1))
-                    record.sums[layer] = total if layer not in record.sums else record.sums[layer] + total
-            if not interventions:
-                return None
-            return _rewrap(output, work.to(hidden.dtype))
+                        weights = self._record_weights(op, step, state)
+                        record = trace._records[op.name]
+                        if op.stat == "mean":
+                            total = torch.einsum("btk,bth->bkh", weights, work)
+                        else:
+                            total = torch.einsum("btk,bt->bk", weights, work.norm(dim=-1))
+                        record.sums[layer] = total if layer not in record.sums else record.sums[layer] + total
+            return _rewrap(output, hidden) if interventions else None
 
         return hook

@@ -1,0 +1,182 @@
+"""Engine benchmarks (issue: core): capture throughput, steering/capping overhead, memory against chat count.
+
+Every figure is a ratio of methods measured side by side in one run on the same model and chats:
+(a) capture with personaxis (batched, streaming span means at every layer) against a bare batched forward pass, the
+    persona-vectors way (one unbatched forward per chat with output_hidden_states, reduce afterwards) and the
+    assistant-axis way (batches of 16, stack every layer's full activations, reduce afterwards);
+(b) batched generation with a steering op at one layer and with a cap over an 8-layer window, against no ops;
+(c) peak memory of a streaming extraction against the number of chats.
+
+    python bench/bench_engine.py --model default            # CPU, the embedded model
+    python bench/bench_engine.py --model random:qwen2-7b --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+
+import torch
+from common import bench_model, chats, interleaved
+
+from personaxis.capture import encode_means, iter_means
+from personaxis.engine import Add, Cap
+from personaxis.generate import Sampling, generate_batch, prompt_ids
+from personaxis.model.chat import Label
+
+
+def batches(model, rendered, size):
+    for start in range(0, len(rendered), size):
+        group = rendered[start : start + size]
+        width = max(len(c) for c in group)
+        ids = torch.full((len(group), width), model.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, c in enumerate(group):
+            ids[b, width - len(c) :] = c.input_ids
+            mask[b, width - len(c) :] = 1
+        yield group, ids.to(model.device), mask.to(model.device)
+
+
+def bare_forward(model, rendered, size):
+    with torch.inference_mode():
+        for _, ids, mask in batches(model, rendered, size):
+            model.model(input_ids=ids, attention_mask=mask)
+
+
+def persona_vectors_way(model, rendered):
+    """One forward per chat with every hidden state, then the response mean per layer."""
+    out = []
+    with torch.inference_mode():
+        for c in rendered:
+            states = model.model(input_ids=c.input_ids[None].to(model.device), output_hidden_states=True).hidden_states
+            keep = c.mask(Label.ASSISTANT).to(model.device)
+            out.append(torch.stack([h[0, keep].float().mean(0) for h in states[1:]]).cpu())
+    return out
+
+
+def assistant_axis_way(model, rendered, size=16):
+    """Batches of 16; stack all layers' full activations in host memory (where the reference keeps and saves them),
+    then reduce with the masks."""
+    out = []
+    with torch.inference_mode():
+        for group, ids, mask in batches(model, rendered, size):
+            states = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            stacked = (
+                torch.stack(states[1:]).float().cpu()
+            )  # [L, B, T, H] on the host, kept whole as the reference does
+            width = ids.shape[1]
+            keep = torch.zeros(len(group), width)
+            for b, c in enumerate(group):
+                keep[b, width - len(c) :] = c.mask(Label.ASSISTANT).float()
+            out.append((stacked * keep[None, :, :, None]).sum(2) / keep.sum(1)[None, :, None])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--chats", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_only:
+        return memory_only(args)
+    dtype = getattr(torch, args.dtype)
+    model = bench_model(args.model, args.device, dtype)
+    layers = list(range(model.n_layers))
+    data = chats(args.chats)
+    rendered = sorted((model.render(c) for c in data), key=len)
+    tokens = sum(len(c) for c in rendered)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# personaxis engine bench: {args.model} ({model.n_layers} layers × {model.hidden_size}), {args.dtype}, "
+          f"{args.device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"# {len(data)} chats, {tokens} tokens; capture = response, prompt and last-prompt means at all layers")
+
+    # (a) capture throughput
+    aggregations = ("response", "prompt", "last_prompt")
+    # hidden_states[L] has the final norm applied, so the last block is left out of the comparison
+    ours = encode_means(model, data[:4], layers, ("response",), batch_size=16)[:, 0, :-1]
+    reference = torch.stack(persona_vectors_way(model, [model.render(c) for c in data[:4]]))[:, :-1]
+    print(f"# check: personaxis vs persona-vectors way (blocks 0..L-2), max relative difference "
+          f"{float((ours - reference).abs().max() / reference.abs().max()):.1e}")  # fmt: skip
+    secs = interleaved(
+        {
+            "bare forward (batch 16, no hooks)": lambda: bare_forward(model, rendered, 16),
+            "personaxis capture (batch 16)": lambda: encode_means(model, data, layers, aggregations, batch_size=16),
+            "persona-vectors way (batch 1, all hidden states)": lambda: persona_vectors_way(model, rendered),
+            "assistant-axis way (batch 16, stacked activations)": lambda: assistant_axis_way(model, rendered),
+        },
+        args.device,
+        args.repeats,
+    )
+    ours_t = secs["personaxis capture (batch 16)"]
+    print("\n## (a) capture throughput (median of interleaved repeats)")
+    for name, t in secs.items():
+        print(f"{name:52s} {tokens / t:10.0f} tok/s   personaxis is {t / ours_t:5.2f}× its speed")
+    bare, pv, aa = (secs[k] / ours_t for k in list(secs) if k != "personaxis capture (batch 16)")
+    print(
+        f"goals: ≥ 0.90× bare → {bare:.2f}×; ≥ 5× persona-vectors way → {pv:.2f}×; "
+        f"≥ 1.5× assistant-axis way → {aa:.2f}×"
+    )
+
+    # (b) steering and capping overhead in batched generation
+    prompts = [prompt_ids(model, c[:2]) for c in data[:8]]
+    sampling = Sampling(max_new_tokens=args.new_tokens)
+    torch.manual_seed(0)
+    v = torch.randn(model.hidden_size)
+    mid = model.n_layers // 2
+    window = list(range(mid, min(mid + 8, model.n_layers)))
+    steer = [Add({mid: 0.01 * v})]
+    cap = [Cap({layer: v for layer in window}, floor=-1e9)]  # a floor that never binds: pure overhead
+    gen = interleaved(
+        {
+            "no ops": lambda: generate_batch(model, prompts, sampling),
+            "steer (1 layer)": lambda: generate_batch(model, prompts, sampling, ops=steer),
+            f"cap ({len(window)}-layer window)": lambda: generate_batch(model, prompts, sampling, ops=cap),
+        },
+        args.device,
+        args.repeats,
+    )
+    base = gen["no ops"]
+    print(f"\n## (b) generation overhead, batch {len(prompts)}, {args.new_tokens} new tokens (median of repeats)")
+    for name, t in gen.items():
+        print(f"{name:52s} {len(prompts) * args.new_tokens / t:10.1f} tok/s   overhead {100 * (t / base - 1):+5.1f}%")
+
+    # (c) memory against the number of chats: each size in a fresh process, so peaks do not mask each other
+    print("\n## (c) peak memory of a streaming extraction (all layers, response means) against the number of chats")
+    for n in (16, 64, 256):
+        command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+                   "--memory-only", str(n)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        print(
+            result.stdout.strip() if result.returncode == 0 else f"{n:4d} chats: failed: {result.stderr.strip()[-300:]}"
+        )
+
+
+def memory_only(args: argparse.Namespace) -> None:
+    model = bench_model(args.model, args.device, getattr(torch, args.dtype))
+    layers = list(range(model.n_layers))
+    subset = chats(args.memory_only)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    total = torch.zeros(len(layers), model.hidden_size)
+    for _, means in iter_means(model, subset, layers, ("response",), batch_size=16):
+        total += means[:, 0].sum(0)
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start) / 1024
+    gpu = (
+        f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+        if args.device.startswith("cuda")
+        else ""
+    )
+    print(f"{args.memory_only:4d} chats: peak RSS grew {grown:7.1f} MiB during the extraction{gpu}")
+
+
+if __name__ == "__main__":
+    main()
