@@ -97,6 +97,7 @@ def main() -> None:
     print(f"# personaxis engine bench: {args.model} ({model.n_layers} layers × {model.hidden_size}), {args.dtype}, "
           f"{args.device} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     print(f"# {len(data)} chats, {tokens} tokens; capture = response, prompt and last-prompt means at all layers")
+    print("# every method starts from the same rendered chats (token ids and labels); rendering is common to all")
 
     # (a) capture throughput
     aggregations = ("response", "prompt", "last_prompt")
@@ -108,7 +109,7 @@ def main() -> None:
     secs = interleaved(
         {
             "bare forward (batch 16, no hooks)": lambda: bare_forward(model, rendered, 16),
-            "personaxis capture (batch 16)": lambda: encode_means(model, data, layers, aggregations, batch_size=16),
+            "personaxis capture (batch 16)": lambda: encode_means(model, rendered, layers, aggregations, batch_size=16),
             "persona-vectors way (batch 1, all hidden states)": lambda: persona_vectors_way(model, rendered),
             "assistant-axis way (batch 16, stacked activations)": lambda: assistant_axis_way(model, rendered),
         },

@@ -66,17 +66,20 @@ def _batched_means(
 
 def iter_means(
     model: ChatModel,
-    chats: Sequence[Sequence[dict[str, str]]],
+    chats: Sequence[Sequence[dict[str, str]] | RenderedChat],
     layers: Sequence[int],
     aggregations: Sequence[str] = ("response",),
     *,
     batch_size: int = 8,
     progress: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Yield (chat indices, [b, A, L, H] means) batch by batch, so callers can reduce without holding everything."""
+    """Yield (chat indices, [b, A, L, H] means) batch by batch, so callers can reduce without holding everything.
+
+    Chats may come already rendered (`model.render`), so that a pipeline tokenizes each chat once.
+    """
     from rich.progress import Progress
 
-    rendered = [model.render(list(chat)) for chat in chats]
+    rendered = [chat if isinstance(chat, RenderedChat) else model.render(list(chat)) for chat in chats]
     weights = [_weights(chat, aggregations, f"chat {i + 1}") for i, chat in enumerate(rendered)]
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
     with Progress(disable=not progress, transient=True) as bar:
@@ -89,7 +92,7 @@ def iter_means(
 
 def encode_means(
     model: ChatModel,
-    chats: Sequence[Sequence[dict[str, str]]],
+    chats: Sequence[Sequence[dict[str, str]] | RenderedChat],
     layers: Sequence[int],
     aggregations: Sequence[str] = ("response",),
     *,

@@ -163,15 +163,15 @@ def render_chat(
 
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
+    offsets = torch.tensor(encoded["offset_mapping"], dtype=torch.long).reshape(-1, 2)
     labels = torch.zeros(len(ids), dtype=torch.int8)
     owner_of = torch.full((len(ids),), -1, dtype=torch.long)
-    for t, (start, end) in enumerate(encoded["offset_mapping"]):
-        for span_start, span_end, label, owner in spans:
-            lo, hi = max(start, span_start), min(end, span_end)
-            if lo < hi:
-                labels[t] = int(label)
-                owner_of[t] = owner
-                break
+    free = torch.ones(len(ids), dtype=torch.bool)
+    for span_start, span_end, label, owner in spans:  # a token overlapping a span belongs to the first such span
+        hit = free & (torch.clamp(offsets[:, 1], max=span_end) > torch.clamp(offsets[:, 0], min=span_start))
+        labels[hit] = int(label)
+        owner_of[hit] = owner
+        free &= ~hit
     return RenderedChat(
         input_ids=torch.tensor(ids, dtype=torch.long),
         labels=labels,
