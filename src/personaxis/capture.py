@@ -47,7 +47,7 @@ def _weights(chat: RenderedChat, aggregations: Sequence[str], where: str) -> tor
 def _batched_means(
     model: ChatModel, chats: Sequence[RenderedChat], weights: Sequence[torch.Tensor], layers: Sequence[int]
 ) -> torch.Tensor:
-    """Run one left-padded batch and return [B, K, L, H] means."""
+    """Run one left-padded batch and return its [B, K, L, H] means, still on the model's device."""
     width = max(len(c) for c in chats)
     batch = len(chats)
     ids = torch.full((batch, width), model.tokenizer.pad_token_id, dtype=torch.long)
@@ -61,7 +61,18 @@ def _batched_means(
     with torch.inference_mode(), model.engine.apply([Record("means", layers, weights=w)]) as trace:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
-    return trace.means("means")
+    return trace.means("means", on_device=True)
+
+
+def _to_host(means: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying to host memory without waiting; the event says when the copy is done."""
+    if means.device.type != "cuda":
+        return means, None
+    host = torch.empty(means.shape, dtype=means.dtype, pin_memory=True)
+    host.copy_(means, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def iter_means(
@@ -84,10 +95,27 @@ def iter_means(
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("capturing", total=len(order))
+        # On a GPU, batch i + 1 is queued before batch i's results are awaited, so the device never idles while the
+        # host prepares the next batch; on a CPU this is plain sequential work.
+        previous: tuple[list[int], torch.Tensor, torch.cuda.Event | None] | None = None
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            yield chunk, _batched_means(model, [rendered[i] for i in chunk], [weights[i] for i in chunk], layers)
-            bar.advance(task, len(chunk))
+            means = _batched_means(model, [rendered[i] for i in chunk], [weights[i] for i in chunk], layers)
+            current = (chunk, *_to_host(means))
+            if previous is not None:
+                yield _ready(previous)
+                bar.advance(task, len(previous[0]))
+            previous = current
+        if previous is not None:
+            yield _ready(previous)
+            bar.advance(task, len(previous[0]))
+
+
+def _ready(item: tuple[list[int], torch.Tensor, torch.cuda.Event | None]) -> tuple[list[int], torch.Tensor]:
+    chunk, means, event = item
+    if event is not None:
+        event.synchronize()
+    return chunk, means
 
 
 def encode_means(
@@ -116,7 +144,7 @@ def turn_means(model: ChatModel, chat: Sequence[dict[str, str]], layers: Sequenc
     weights = torch.zeros(len(rendered), n_turns)
     for k in range(n_turns):
         weights[:, k] = (turns == k).float()
-    return _batched_means(model, [rendered], [weights], layers)[0]
+    return _batched_means(model, [rendered], [weights], layers)[0].cpu()
 
 
 def residual_norms(

@@ -55,23 +55,27 @@ class Trace:
     def record_names(self) -> list[str]:
         return list(self._records)
 
-    def counts(self, name: str) -> torch.Tensor:
+    def counts(self, name: str, on_device: bool = False) -> torch.Tensor:
         """[B, K] total weight (token count for 0/1 weights) of each row's segments."""
         state = self._state(name)
         if state.counts is None:
             raise PersonaxisError(f"record '{name}' saw no tokens")
-        return state.counts.cpu()
+        return state.counts if on_device else state.counts.cpu()
 
-    def means(self, name: str) -> torch.Tensor:
-        """[B, K, L, H] float32 means (for stat='norm': [B, K, L]); NaN where a segment got no tokens."""
+    def means(self, name: str, on_device: bool = False) -> torch.Tensor:
+        """[B, K, L, H] float32 means (for stat='norm': [B, K, L]); NaN where a segment got no tokens.
+
+        `on_device=True` leaves them where they were computed, so a caller can overlap the copy with more work.
+        """
         state = self._state(name)
-        counts = self.counts(name)
+        counts = self.counts(name, on_device=True)
         layers = state.op.layers
         if any(layer not in state.sums for layer in layers):
             raise PersonaxisError(f"record '{name}' saw no forward pass")
-        stacked = torch.stack([state.sums[layer].cpu() for layer in layers], dim=2)  # [B, K, L, (H)]
-        denominator = counts.view(*counts.shape, *([1] * (stacked.dim() - 2)))
-        return stacked / denominator.where(denominator > 0, torch.tensor(float("nan")))
+        stacked = torch.stack([state.sums[layer] for layer in layers], dim=2)  # [B, K, L, (H)]
+        denominator = counts.view(*counts.shape, *([1] * (stacked.dim() - 2))).to(stacked.device)
+        means = stacked / denominator.where(denominator > 0, torch.full_like(denominator, float("nan")))
+        return means if on_device else means.cpu()
 
     def projections(self, name: str) -> torch.Tensor:
         """[B, S, L] per-token projections at absolute columns, NaN where the op did not apply."""
