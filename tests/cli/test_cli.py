@@ -126,8 +126,10 @@ def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
     big = tmp_path / "big.safetensors"
     assert run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, no_reply, "--out", big)[0] == 2
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id with no network must fail at once, in one line
     cases = [
         (["info", tmp_path / "missing"], "no model at"),
+        (["info", "some-org/not-a-cached-model"], "hub is unreachable"),
         (["extract", "-m", folder, "--chats", bad_line, "--out", tmp_path / "x.safetensors"], "line 2"),
         (["extract", "-m", folder, "--chats", no_reply, "--out", tmp_path / "x.safetensors"], "no assistant turn"),
         (["extract", "-m", folder, "--chats", chats, "--layers", "7", "--out", tmp_path / "x.safetensors"], "range"),
