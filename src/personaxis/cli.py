@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from personaxis import finetune, screening
 from personaxis.errors import PersonaxisError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -218,6 +219,10 @@ def serve(
         model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
         space_path=space, threshold=threshold, window=window, dtype=dtype,
     )  # fmt: skip
+
+
+screening.register(app)  # screen
+finetune.register(app)  # finetune-shift, finetune
 
 
 def _check_writable(path: Path) -> None:
