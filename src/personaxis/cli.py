@@ -15,6 +15,7 @@ from rich.table import Table
 
 from personaxis import finetune, screening
 from personaxis.errors import PersonaxisError
+from personaxis.traits.cli import register as register_traits
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -223,6 +224,7 @@ def serve(
 
 screening.register(app)  # screen
 finetune.register(app)  # finetune-shift, finetune
+register_traits(app)  # trait new|extract|calibrate|monitor-eval|report, monitor
 
 
 def _check_writable(path: Path) -> None:

@@ -77,12 +77,15 @@ def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
 
 
 def default_layer(vectors: Vectors) -> int:
-    """The layer a vector was calibrated at (`meta.extra["calibration"]["layer"]`), else the one nearest the middle."""
-    calibration = vectors.meta.extra.get("calibration")
-    if calibration is not None:
-        layer = calibration.get("layer") if isinstance(calibration, dict) else calibration
+    """The layer `trait calibrate` chose (`meta.extra["calibration"]["choice"]["layer"]`), else the one nearest the
+    middle of the network."""
+    from personaxis.traits.steer import calibration_choice
+
+    choice = calibration_choice(vectors)
+    if choice is not None:
+        layer = choice.get("layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
-            raise PersonaxisError("the vectors' calibration record has no integer 'layer'")
+            raise PersonaxisError("the vectors' calibration choice has no integer 'layer'")
         if layer not in vectors.layers:
             raise PersonaxisError(f"the vectors were calibrated at layer {layer} but hold no direction there")
         return layer

@@ -118,11 +118,11 @@ def test_empty_base_reply_leaves_delta_empty(tiny, tmp_path, monkeypatch):
 def test_default_layer():
     assert default_layer(vectors_for(layers=(0, 1, 2, 3))) == 2  # the middle of 4 blocks
     assert default_layer(vectors_for(layers=(0, 3))) == 3  # the nearest the vectors have
-    assert default_layer(vectors_for(layers=(0, 1, 2, 3), calibration={"layer": 1, "coef": 4.0})) == 1
+    assert default_layer(vectors_for(layers=(0, 1, 2, 3), calibration={"choice": {"layer": 1, "coef": 4.0}})) == 1
     with pytest.raises(PersonaxisError, match="calibrated at layer 3"):
-        default_layer(vectors_for(layers=(1, 2), calibration={"layer": 3}))
+        default_layer(vectors_for(layers=(1, 2), calibration={"choice": {"layer": 3}}))
     with pytest.raises(PersonaxisError, match="integer 'layer'"):
-        default_layer(vectors_for(calibration={"best": 2}))
+        default_layer(vectors_for(calibration={"choice": {"best": 2}}))
 
 
 def test_read_samples_names_the_line(tmp_path):

@@ -167,10 +167,13 @@ class Vectors:
         return self.meta.hidden_size
 
     def resolve(self, name: str | None = None) -> str:
-        """The name to use: `name` itself if present, or the only one when it is omitted."""
+        """The name to use: `name` itself if present; when omitted, the only one, or the file's declared primary."""
         if name is None:
             if len(self.data) == 1:
                 return next(iter(self.data))
+            primary = self.meta.extra.get("primary")
+            if primary in self.data:
+                return primary
             raise PersonaxisError(f"these vectors hold several directions {self.names}: name one")
         if name not in self.data:
             raise PersonaxisError(f"no direction named {name!r} (have {self.names})")

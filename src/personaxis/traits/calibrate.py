@@ -1,0 +1,202 @@
+"""Choosing where and how hard to steer with a trait vector (science.md §1, step 6).
+
+The sweep steers the reply to each held-out evaluation question (no system prompt, so only the vector pushes) with
+c · mean_norm_i · v̂_i at one layer i at a time, for every strength c in a grid that includes 0 (the unsteered
+baseline, shared by all layers) and negative values (suppression). The judge scores each reply for the trait and for
+coherence. The choice is the (layer, c > 0) cell with the highest mean trait score among the cells whose mean
+coherence stays at or above `coherence_min`: the largest trait effect that still reads as language. The strength is
+in relative units, so it transfers between layers whose residual norms differ by an order of magnitude.
+
+Replies are greedy by default: with a handful of questions per cell, sampling noise would swamp the dose-response
+curve that the choice is read from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from personaxis.errors import PersonaxisError
+from personaxis.generate import Sampling
+from personaxis.judge import Judge
+from personaxis.model.loading import ChatModel
+from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.steering import steer_op
+from personaxis.store import RunStore
+from personaxis.traits.extraction import sample_seed
+from personaxis.traits.judging import judge_replies
+from personaxis.traits.library import TraitSpec
+from personaxis.traits.stats import spearman
+from personaxis.traits.steer import SteeredBackend, primary
+from personaxis.vectors import Vectors
+
+STAGE = "trait_calibration"
+DEFAULT_COEFS = (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4)
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    coefs: tuple[float, ...] = DEFAULT_COEFS  # relative units: c · mean_norm · v̂
+    questions: int | None = 5  # the first N evaluation questions (None: all)
+    samples: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    seed: int = 0
+    batch_size: int = 8
+    coherence_min: float = 50.0
+    units: str = "relative"
+
+    def __post_init__(self) -> None:
+        if not self.coefs or any(not math.isfinite(c) for c in self.coefs):
+            raise PersonaxisError("give at least one finite steering coefficient")
+        if self.samples < 1 or self.batch_size < 1 or (self.questions is not None and self.questions < 1):
+            raise PersonaxisError("questions, samples and batch size must be at least 1")
+
+
+@dataclass
+class Cell:
+    """One point of the sweep: mean scores over its replies (None when no reply got a defined score)."""
+
+    layer: int | None  # None for the unsteered baseline (coef 0)
+    coef: float
+    trait: float | None
+    coherence: float | None
+    n: int
+    n_trait: int  # replies with a defined trait score
+    n_coherence: int
+
+
+def default_layers(n_layers: int, count: int = 5) -> list[int]:
+    """`count` layers spread over the middle half of the network, where steering usually works best."""
+    lo, hi = n_layers // 4, max(n_layers // 4, (3 * n_layers) // 4)
+    if hi - lo + 1 <= count:
+        return list(range(lo, hi + 1))
+    return sorted({round(lo + k * (hi - lo) / (count - 1)) for k in range(count)})
+
+
+def choose(cells: Sequence[Cell], coherence_min: float) -> Cell | None:
+    """The steered cell (c > 0) with the highest mean trait score whose mean coherence is ≥ `coherence_min`.
+
+    Ties go to the smaller strength (less damage for the same effect), then to the earlier layer.
+    """
+    eligible = [
+        c for c in cells
+        if c.layer is not None and c.coef > 0 and c.trait is not None
+        and c.coherence is not None and c.coherence >= coherence_min
+    ]  # fmt: skip
+    if not eligible:
+        return None
+    return min(eligible, key=lambda c: (-c.trait, c.coef, c.layer))
+
+
+def curve(cells: Sequence[Cell], layer: int) -> list[Cell]:
+    """The dose-response curve at one layer: its cells plus the shared baseline, by strength."""
+    return sorted([c for c in cells if c.layer == layer or (c.layer is None and c.coef == 0)], key=lambda c: c.coef)
+
+
+def layer_spearman(cells: Sequence[Cell], layer: int) -> float | None:
+    points = [(c.coef, c.trait) for c in curve(cells, layer) if c.trait is not None]
+    return spearman([x for x, _ in points], [y for _, y in points]) if len(points) >= 2 else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fingerprint(vectors: Vectors, name: str, layer: int) -> str:
+    return hashlib.sha256(vectors.direction(layer, name).numpy().tobytes()).hexdigest()[:16]
+
+
+def calibrate(
+    model: ChatModel,
+    trait: TraitSpec,
+    vectors: Vectors,
+    judge: Judge,
+    store: RunStore,
+    layers: Sequence[int] | None = None,
+    settings: CalibrateSettings = CalibrateSettings(),
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the sweep and return the calibration (grid, per-layer Spearman ρ, choice); see the module docstring."""
+    vectors.validate(model)
+    name = primary(vectors)
+    layers = default_layers(model.n_layers) if layers is None else sorted(set(layers))
+    layers = [layer for layer in layers if layer in vectors.layers] or vectors.layers[:1]
+    coefs = sorted(set(settings.coefs) | {0.0})
+    questions = trait.questions.evaluation[: settings.questions or None]
+    groups = [(None, 0.0)] + [(layer, c) for layer in layers for c in coefs if c != 0]
+
+    rows: list[dict[str, Any]] = []
+    columns = (TextColumn("steering sweep"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("", total=len(groups))
+        for layer, coef in groups:
+            rollouts = [
+                Rollout.make(
+                    f"q{q}/s{s}", [{"role": "user", "content": question}],
+                    Sampling(settings.max_new_tokens, settings.temperature, seed=sample_seed(settings.seed, q, s)),
+                )
+                for q, question in enumerate(questions) for s in range(settings.samples)
+            ]  # fmt: skip
+            if layer is None:
+                backend = LocalBackend(model, [], batch_size=settings.batch_size)
+            else:
+                op = steer_op(vectors, coef, layer, name=name, units=settings.units, when="response")  # type: ignore[arg-type]
+                steer = {"direction": _fingerprint(vectors, name, layer), "layer": layer, "coef": coef,
+                         "units": settings.units, "when": "response"}  # fmt: skip
+                backend = SteeredBackend(model, [op], steer, batch_size=settings.batch_size)
+            records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
+            for r in rollouts:
+                q = int(r.id.split("/")[0][1:])
+                rows.append({"layer": layer, "coef": coef, "question": q, "question_text": questions[q],
+                             "text": records[r.id].data["text"]})  # fmt: skip
+            bar.advance(task)
+
+    judged, counts = judge_replies(
+        judge, trait.rubric, [(r["question_text"], r["text"]) for r in rows], progress=progress,
+        description="judging steered replies",
+    )  # fmt: skip
+    for row, j in zip(rows, judged, strict=True):
+        row.update(j.as_dict())
+    cells = []
+    for layer, coef in groups:
+        mine = [r for r in rows if r["layer"] == layer and r["coef"] == coef]
+        traits = [r["trait"] for r in mine if r["trait"] is not None]
+        coherences = [r["coherence"] for r in mine if r["coherence"] is not None]
+        cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences)))
+    best = choose(cells, settings.coherence_min)
+    baseline = cells[0]
+    choice = None
+    if best is not None:
+        choice = {
+            "layer": best.layer, "coef": best.coef, "units": settings.units, "trait": best.trait,
+            "coherence": best.coherence, "effect": None if baseline.trait is None else best.trait - baseline.trait,
+        }  # fmt: skip
+    return {
+        "trait": trait.name,
+        "direction": name,
+        "judge": judge.judge_id,
+        "judge_counts": counts.as_dict(),
+        "settings": {**asdict(settings), "coefs": coefs, "questions": len(questions)},
+        "layers": layers,
+        "baseline": asdict(baseline),
+        "cells": [asdict(c) for c in cells],
+        "spearman": {str(layer): layer_spearman(cells, layer) for layer in layers},
+        "choice": choice,
+        "samples": rows,
+    }
+
+
+def summary(calibration: dict[str, Any]) -> dict[str, Any]:
+    """What goes into the artifact's metadata: everything but the replies."""
+    return {k: v for k, v in calibration.items() if k != "samples"}
+
+
+def cells_of(calibration: dict[str, Any]) -> list[Cell]:
+    return [Cell(**c) for c in calibration["cells"]]

@@ -1,0 +1,316 @@
+"""`personaxis trait ...` and `personaxis monitor`: the persona-vector pipeline from the command line.
+
+A trait run lives in one folder (default ``runs/traits/<trait>-<model>``): `extract` fills it, `calibrate` and
+`monitor-eval` add to it, `report` summarizes it. Every stage resumes: rerun the same command after an interruption
+and only the missing rollouts and judgements are computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from personaxis.errors import PersonaxisError
+
+trait_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Persona vectors for one trait: write its file, extract, calibrate steering, evaluate monitoring, report.",
+)
+console = Console()
+err = Console(stderr=True)
+
+TraitArg = Annotated[str, typer.Argument(help="a shipped trait name (evil, humorous...) or a trait .json file")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
+JudgeOpt = Annotated[str, typer.Option(help="local:MODEL, local:same (the studied model) or openai:MODEL@BASE_URL")]
+VectorsOpt = Annotated[Path, typer.Option("--vectors", "-v", help="the trait's vectors.safetensors")]
+RunOpt = Annotated[Path | None, typer.Option(help="run folder (default: runs/traits/<trait>-<model>)")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+AnyCountsOpt = Annotated[bool, typer.Option(help="accept trait files with other than 5 pairs and 20 + 20 questions")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: where the model loads)")]
+
+
+def _load(spec: str, dtype: str = "auto", device: str | None = None):
+    from personaxis.model import load_model
+
+    with console.status(f"loading {spec}..."):
+        return load_model(spec, dtype=dtype, device=device)
+
+
+def _trait(name: str, any_counts: bool):
+    from personaxis.traits.library import load_trait
+
+    return load_trait(name, strict=not any_counts)
+
+
+def _check_judge(spec: str) -> None:
+    """Refuse a malformed judge spec before minutes go into loading a model."""
+    from personaxis.judge.spec import JUDGE_HELP
+
+    kind, _, rest = spec.partition(":")
+    if not ((kind == "local" and rest) or (kind == "openai" and "@" in rest)):
+        raise PersonaxisError(f"bad judge {spec!r}: use {JUDGE_HELP}")
+
+
+def _judge(spec: str, store, model, device: str | None = None):
+    """The judge; a local one other than the studied model is loaded on the same device."""
+    from personaxis.judge.spec import judge_from_spec
+
+    kind, _, rest = spec.partition(":")
+    if kind == "local" and rest and rest != "same":
+        return judge_from_spec("local:same", cache=store, same=_load(rest, device=device))
+    return judge_from_spec(spec, cache=store, same=model)
+
+
+def _vectors(path: Path, model):
+    from personaxis.vectors import Vectors
+
+    vectors = Vectors.load(path)
+    for warning in vectors.validate(model):
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    return vectors
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PersonaxisError(f"bad {what} {text!r}: give comma-separated numbers, e.g. -0.1,0,0.1,0.2") from None
+
+
+@trait_app.command("new")
+def new(
+    name: Annotated[str, typer.Argument(help="the trait's name: lowercase letters, digits, '_' or '-'")],
+    description: Annotated[str, typer.Option(help="one sentence or paragraph saying what the trait is")],
+    generator: Annotated[str, typer.Option(help="local:MODEL or openai:MODEL@BASE_URL")],
+    out: Annotated[Path | None, typer.Option(help="where to write the trait file (default: NAME.json)")] = None,
+    attempts: Annotated[int, typer.Option(help="tries before giving up on malformed output")] = 3,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+):
+    """Have a generator LLM write a trait file (5 prompt pairs, 20 + 20 questions, a rubric) to edit and use."""
+    from personaxis.traits.generator import generator_from_spec, write_trait
+    from personaxis.traits.library import save_trait
+
+    path = out or Path(f"{name}.json")
+    if path.exists() and not force:
+        raise PersonaxisError(f"{path} exists: pass --force to overwrite it or --out for another file")
+    gen = generator_from_spec(generator)
+    with console.status(f"{gen.name} is writing the {name} trait..."):
+        spec = write_trait(name, description, gen, attempts=attempts)
+    save_trait(spec, path)
+    console.print(f"wrote {path}: review and edit it, then `personaxis trait extract {path} --model ...`")
+
+
+@trait_app.command("extract")
+def extract(
+    trait: TraitArg,
+    model: ModelOpt,
+    judge: JudgeOpt = "local:same",
+    samples: Annotated[int, typer.Option(help="samples per (question, instruction pair, polarity)")] = 1,
+    run: RunOpt = None,
+    layers: Annotated[str, typer.Option(help="all, i,j,k or a:b")] = "all",
+    questions: Annotated[int | None, typer.Option(help="use the first N extraction questions")] = None,
+    pairs: Annotated[int | None, typer.Option(help="use the first N instruction pairs")] = None,
+    max_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    pos_min: Annotated[float, typer.Option(help="keep a pair if its pos reply scores at least this")] = 50.0,
+    neg_max: Annotated[float, typer.Option(help="... and its neg reply scores below this")] = 50.0,
+    coherence_min: Annotated[float, typer.Option(help="... and both are at least this coherent")] = 50.0,
+    min_pairs: Annotated[int, typer.Option(help="fewer kept pairs than this is an error")] = 5,
+    any_counts: AnyCountsOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Rollouts under eliciting and suppressing prompts, judged and filtered in pairs, to vectors at every layer."""
+    from personaxis.datasets import parse_layers
+    from personaxis.store import RunStore
+    from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_trait
+    from personaxis.traits.files import VECTORS, slug
+
+    spec = _trait(trait, any_counts)
+    _check_judge(judge)
+    settings = ExtractSettings(
+        samples=samples, max_new_tokens=max_tokens, temperature=temperature, seed=seed, questions=questions,
+        pairs=pairs, batch_size=batch_size, thresholds=Thresholds(pos_min, neg_max, coherence_min),
+        min_pairs=min_pairs,
+    )  # fmt: skip
+    m = _load(model, dtype, device)
+    store = RunStore(run or Path("runs/traits") / f"{spec.name}-{slug(m.name)}")
+    result = extract_trait(m, spec, _judge(judge, store, m, device), store, settings, parse_layers(layers, m.n_layers))
+    s = result.stats
+    console.print(
+        f"kept {s['kept']} of {s['pairs']} pairs (judge: {s['judge']['failed']} failed, {s['judge']['undefined']} "
+        f"undefined of {s['judge']['asked']} calls); wrote {store.path / VECTORS}"
+    )
+
+
+@trait_app.command("calibrate")
+def calibrate(
+    trait: TraitArg,
+    model: ModelOpt,
+    vectors: VectorsOpt,
+    judge: JudgeOpt = "local:same",
+    layers: Annotated[str | None, typer.Option(help="layers to sweep (default: 5 across the middle)")] = None,
+    coefs: Annotated[str, typer.Option(help="strengths in relative units (c · mean_norm · v̂)")] = "",
+    questions: Annotated[int, typer.Option(help="use the first N evaluation questions")] = 5,
+    samples: int = 1,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    coherence_min: float = 50.0,
+    batch_size: int = 8,
+    run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
+    any_counts: AnyCountsOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Sweep layers × strengths on held-out questions; store the best coherent (layer, strength) in the vectors."""
+    from personaxis.datasets import parse_layers
+    from personaxis.store import RunStore
+    from personaxis.traits import calibrate as cal
+    from personaxis.traits.files import CALIBRATION, CALIBRATION_PLOT, write_json
+    from personaxis.traits.plots import plot_calibration
+
+    spec = _trait(trait, any_counts)
+    _check_judge(judge)
+    settings = cal.CalibrateSettings(
+        coefs=_floats(coefs, "--coefs") if coefs else cal.DEFAULT_COEFS, questions=questions, samples=samples,
+        max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min, batch_size=batch_size,
+    )  # fmt: skip
+    m = _load(model, dtype, device)
+    v = _vectors(vectors, m)
+    store = RunStore(run or vectors.parent)
+    chosen = parse_layers(layers, m.n_layers) if layers else None
+    result = cal.calibrate(m, spec, v, _judge(judge, store, m, device), store, chosen, settings)
+    write_json(store.path / CALIBRATION, result)
+    plot_calibration(result, store.path / CALIBRATION_PLOT)
+    v.meta.extra["calibration"] = cal.summary(result)
+    v.save(vectors)
+    table = Table(title=f"{spec.name}: Spearman ρ of trait score vs strength")
+    table.add_column("layer")
+    table.add_column("ρ", justify="right")
+    for layer, rho in result["spearman"].items():
+        table.add_row(layer, "—" if rho is None else f"{rho:+.2f}")
+    console.print(table)
+    choice = result["choice"]
+    if choice:
+        console.print(
+            f"chose layer {choice['layer']}, c = {choice['coef']:g} (trait {choice['trait']:.1f}, coherence "
+            f"{choice['coherence']:.1f}); stored in {vectors}; plot {store.path / CALIBRATION_PLOT}"
+        )
+    else:
+        err.print(
+            f"[yellow]no steered setting kept coherence ≥ {coherence_min:g}: nothing chosen[/yellow] "
+            f"(plot {store.path / CALIBRATION_PLOT}); try smaller --coefs"
+        )
+
+
+@trait_app.command("monitor-eval")
+def monitor_eval(
+    trait: TraitArg,
+    model: ModelOpt,
+    vectors: VectorsOpt,
+    judge: JudgeOpt = "local:same",
+    pairs: Annotated[int, typer.Option(help="instruction pairs to grade (8 levels each)")] = 1,
+    questions: Annotated[int, typer.Option(help="use the first N evaluation questions")] = 5,
+    few_shot: Annotated[bool, typer.Option(help="add few-shot variants built from kept extraction replies")] = True,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
+    any_counts: AnyCountsOpt = False,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Does the last prompt token's projection predict the reply's trait score? Pearson r and a scatter plot."""
+    from personaxis.store import RunStore
+    from personaxis.traits import monitor as mon
+    from personaxis.traits.files import MONITOR, MONITOR_PLOT, SAMPLES, read_jsonl, write_json
+    from personaxis.traits.plots import plot_monitor
+
+    spec = _trait(trait, any_counts)
+    _check_judge(judge)
+    settings = mon.MonitorSettings(
+        pairs=pairs, questions=questions, few_shot=few_shot, max_new_tokens=max_tokens, temperature=temperature,
+        batch_size=batch_size,
+    )  # fmt: skip
+    m = _load(model, dtype, device)
+    v = _vectors(vectors, m)
+    store = RunStore(run or vectors.parent)
+    samples = vectors.parent / SAMPLES
+    examples = mon.examples_from_samples(read_jsonl(samples)) if samples.is_file() else None
+    result = mon.monitor_eval(m, spec, v, _judge(judge, store, m, device), store, settings, examples)
+    write_json(store.path / MONITOR, result)
+    plot_monitor(result, store.path / MONITOR_PLOT)
+    if result["layer"] is None:
+        err.print("[yellow]r is undefined: too few scored replies or no variation[/yellow]")
+        return
+    console.print(
+        f"Pearson r = {result['r_layer']:+.3f} at layer {result['layer']} over {result['n_scored']} scored replies "
+        f"(best layer {result['best_layer']}: {result['r_best']:+.3f}); plot {store.path / MONITOR_PLOT}"
+    )
+
+
+@trait_app.command("report")
+def report(run: Annotated[Path, typer.Argument(help="a trait run folder")]):
+    """Write report.md with plots for a trait run folder."""
+    from personaxis.traits.report import write_report
+
+    console.print(f"wrote {write_report(run)}")
+
+
+def monitor(
+    model: ModelOpt,
+    vectors: VectorsOpt,
+    chat: Annotated[Path | None, typer.Option(help="chats.jsonl: one {'messages': [...]} per line")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p")] = None,
+    system: Annotated[str | None, typer.Option("--system", "-s")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer to read (default: the calibrated one)")] = None,
+    direction: Annotated[str | None, typer.Option(help="which direction of the file (default: the trait's)")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Print the projection of the last prompt token on a trait vector: how strongly the reply will show the trait."""
+    from personaxis.datasets import read_chats
+    from personaxis.traits.monitor import prompt_projections
+    from personaxis.traits.steer import calibration_choice
+
+    if (chat is None) == (prompt is None):
+        raise PersonaxisError("give either --chat FILE.jsonl or --prompt TEXT")
+    if chat is not None and system is not None:
+        raise PersonaxisError("--system goes with --prompt; put system messages in the chat file")
+    chats = (
+        read_chats(chat)
+        if chat is not None
+        else [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]]
+    )
+    m = _load(model, dtype, device)
+    v = _vectors(vectors, m)
+    if layer is None:
+        layer = (calibration_choice(v) or {}).get("layer")
+    if layer is None:
+        raise PersonaxisError("these vectors carry no calibration: pass --layer")
+    k = v.row(layer)
+    values = prompt_projections(m, v, chats, direction)[:, k]
+    if prompt is not None:
+        console.print(f"{float(values[0]):.4f}")
+        return
+    table = Table(title=f"last-prompt projection at layer {layer}")
+    table.add_column("chat", justify="right")
+    table.add_column("projection", justify="right")
+    table.add_column("last message")
+    for i, (value, c) in enumerate(zip(values.tolist(), chats, strict=True)):
+        table.add_row(str(i + 1), f"{value:.4f}", " ".join(c[-1]["content"].split())[:70])
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `trait ...` and the top-level `monitor` to the main app."""
+    app.add_typer(trait_app, name="trait")
+    app.command("monitor")(monitor)

@@ -1,0 +1,113 @@
+"""Steering with a trait's vectors, by default at the layer and strength its calibration chose.
+
+`calibrate` stores its choice in the artifact (``meta.extra["calibration"]["choice"]``: layer, coef, units), so the
+file alone says how to use it: ``with trait_steering(model, vectors): ...`` elicits the trait at the calibrated
+strength, ``coef=-c`` suppresses it, and any explicit `coef` or `layer` overrides the calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from personaxis.engine import Add, Op
+from personaxis.engine.ops import When
+from personaxis.errors import PersonaxisError
+from personaxis.generate import generate_batch, prompt_ids
+from personaxis.model.loading import ChatModel
+from personaxis.runs import LocalBackend, Rollout, RolloutResult
+from personaxis.steering import Units, steer_op, steering
+from personaxis.vectors import Vectors
+
+
+def primary(vectors: Vectors) -> str:
+    """The trait's own direction (the response-mean persona vector) among the artifact's directions."""
+    name = vectors.meta.extra.get("primary")
+    return vectors.resolve(name if name in vectors.names else None)
+
+
+def calibration_choice(vectors: Vectors) -> dict[str, Any] | None:
+    return (vectors.meta.extra.get("calibration") or {}).get("choice")
+
+
+def trait_steer_op(
+    vectors: Vectors,
+    coef: float | None = None,
+    layer: int | None = None,
+    *,
+    name: str | None = None,
+    units: Units | None = None,
+    when: When = "response",
+) -> Add:
+    """The steering op for a trait: calibrated layer/strength/units unless given."""
+    choice = calibration_choice(vectors) or {}
+    if layer is None:
+        layer = choice.get("layer")
+    if coef is None:
+        coef = choice.get("coef")
+    if layer is None or coef is None:
+        raise PersonaxisError(
+            "these vectors carry no calibration: run `personaxis trait calibrate` or give the layer and coefficient"
+        )
+    units = units or choice.get("units", "relative")
+    return steer_op(vectors, float(coef), int(layer), name=name or primary(vectors), units=units, when=when)
+
+
+@contextmanager
+def trait_steering(
+    model: ChatModel,
+    vectors: Vectors,
+    coef: float | None = None,
+    layer: int | None = None,
+    *,
+    name: str | None = None,
+    units: Units | None = None,
+    when: When = "response",
+) -> Iterator[Add]:
+    """`with trait_steering(model, vectors): generate(model, chats)`: every reply inside is steered."""
+    vectors.validate(model)
+    op = trait_steer_op(vectors, coef, layer, name=name, units=units, when=when)
+    with steering(model, op):
+        yield op
+
+
+class SteeredBackend(LocalBackend):
+    """A `LocalBackend` that applies `ops` while generating.
+
+    `steer` describes the ops and becomes part of the backend identity, hence of every record key: a steered reply
+    and a plain one to the same chat are different samples and never overwrite each other.
+    """
+
+    def __init__(
+        self,
+        model: ChatModel,
+        ops: Sequence[Op],
+        steer: dict[str, Any],
+        layers: Sequence[int] = (),
+        captures: Sequence[str] = ("response",),
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__(model, layers, captures, batch_size)
+        self.ops, self.steer = list(ops), steer
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "steer": self.steer}
+
+    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
+        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outs = generate_batch(
+                self.model,
+                [prompts[i] for i in chunk],
+                [rollouts[i].sampling for i in chunk],
+                ops=self.ops,
+                capture_layers=self.layers or None,
+                captures=self.captures,
+            )
+            yield [
+                RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
+                for i, o in zip(chunk, outs, strict=True)
+            ]

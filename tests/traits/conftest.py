@@ -1,0 +1,153 @@
+"""Fixtures for the trait pipeline: a small trait, deterministic fake judges, and a fake OpenAI-compatible server."""
+
+import hashlib
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from personaxis.judge import Distribution, Judge
+from personaxis.traits.library import parse_trait
+
+
+def text_score(text: str, lo: int = 0, hi: int = 100) -> int:
+    """A deterministic score in [lo, hi] from a text: fake judges spread their answers with it."""
+    return lo + int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % (hi - lo + 1)
+
+
+class HashJudge(Judge):
+    """Trait scores spread over 0-100, coherence over 30-100, both from the prompt text; counts what it is asked."""
+
+    def __init__(self, cache=None, numbers: bool = True) -> None:
+        super().__init__("hash-judge", cache=cache)
+        self.asked = 0
+        self.numbers = numbers
+
+    def _number_probs(self, prompts, hi):
+        self.asked += len(prompts)
+        if not self.numbers:  # a judge that answers in words: no mass on any number
+            return [Distribution({}, raw="I cannot rate this") for _ in prompts]
+        out = []
+        for p in prompts:
+            score = text_score(p, 30, 100) if "how coherent" in p else text_score(p)
+            out.append(Distribution({score: 0.9}, raw=str(score)))
+        return out
+
+
+@pytest.fixture
+def hash_judge():
+    return HashJudge
+
+
+TRAIT = {
+    "name": "pirate",
+    "version": 1,
+    "description": "Talks like a pirate.",
+    "instructions": [
+        {"pos": "You are a pirate. Ahoy matey!", "neg": "You are a helpful assistant."},
+        {"pos": "Tell me about the sea, the waves and the wind, pirate.", "neg": "Answer plainly and briefly."},
+    ],
+    "questions": {
+        "extraction": ["What is the capital of France?", "How are you today?", "Tell me about the sea."],
+        "evaluation": ["What is the capital?", "Hello there, how are you?", "Tell me about the wind."],
+    },
+    "rubric": "Rate how much this is like a pirate.\nQuestion: {question}\nAnswer: {answer}\nReply 0-100 or REFUSAL.",
+}
+
+
+@pytest.fixture
+def small_trait():
+    return parse_trait(TRAIT, strict=False)
+
+
+@pytest.fixture
+def trait_file(tmp_path):
+    path = tmp_path / "pirate.json"
+    path.write_text(json.dumps(TRAIT))
+    return path
+
+
+class FakeOpenAI:
+    """Chat completions on loopback: judge requests (logprobs) get a hashed score, others the scripted replies."""
+
+    def __init__(self) -> None:
+        self.replies: list[str] = []
+        self.requests: list[dict] = []
+        self.url = ""
+
+    def answer(self, body: dict) -> dict:
+        self.requests.append(body)
+        content = body["messages"][-1]["content"]
+        if body.get("logprobs"):
+            score = str(text_score(content, 30, 100) if "how coherent" in content else text_score(content))
+            alts = [{"token": score, "logprob": math.log(0.9), "bytes": list(score.encode())}]
+            logprobs = {"content": [{**alts[0], "top_logprobs": alts}], "refusal": None}
+            message = {"role": "assistant", "content": score}
+        else:
+            generated = sum(not r.get("logprobs") for r in self.requests)
+            message = {"role": "assistant", "content": self.replies[min(generated, len(self.replies)) - 1]}
+            logprobs = None
+        return {
+            "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message, "logprobs": logprobs}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }  # fmt: skip
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        data = json.dumps(self.server.fake.answer(body)).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_openai():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.fake = FakeOpenAI()  # type: ignore[attr-defined]
+    server.fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    yield server.fake  # type: ignore[attr-defined]
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `personaxis ARGS...` through the real entry point, with the trait commands registered; (code, out, err)."""
+    import sys
+
+    import typer
+
+    import personaxis.cli
+    from personaxis.traits.cli import register
+
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+    register(app)
+    monkeypatch.setattr(personaxis.cli, "app", app)
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
+        code = 0
+        try:
+            personaxis.cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -1,0 +1,107 @@
+"""Calibration: the choice rule, the sweep (steered, stored, resumable), and steering with the stored choice."""
+
+import pytest
+import torch
+
+import personaxis.runs
+from personaxis.errors import PersonaxisError
+from personaxis.generate import Sampling, generate
+from personaxis.store import RunStore
+from personaxis.traits.calibrate import CalibrateSettings, Cell, calibrate, choose, default_layers, layer_spearman
+from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_trait
+from personaxis.traits.steer import SteeredBackend, trait_steer_op, trait_steering
+
+
+def cell(layer, coef, trait, coherence):
+    return Cell(layer, coef, trait, coherence, 5, 5, 5)
+
+
+GRID = [
+    cell(None, 0.0, 10, 90),
+    cell(4, -0.1, 5, 88), cell(4, 0.1, 30, 85), cell(4, 0.2, 70, 40),  # most trait, but incoherent
+    cell(8, 0.1, 45, 80), cell(8, 0.2, 60, 55), cell(8, 0.3, None, 90),  # undefined trait never chosen
+    cell(12, 0.2, 60, 70), cell(12, 0.4, 60, 60),  # ties at 60: the smaller strength, then the earlier layer
+]  # fmt: skip
+
+
+def test_choice_is_the_strongest_coherent_effect():
+    best = choose(GRID, coherence_min=50)
+    assert (best.layer, best.coef) == (8, 0.2)
+    assert (choose(GRID, coherence_min=35).layer, choose(GRID, coherence_min=35).coef) == (4, 0.2)
+    assert (choose(GRID, coherence_min=65).layer, choose(GRID, coherence_min=65).coef) == (12, 0.2)
+    assert choose(GRID, coherence_min=99) is None
+    assert choose([cell(4, -0.5, 99, 99), cell(None, 0.0, 99, 99)], 50) is None  # only c > 0 elicits
+
+
+def test_layer_curves_include_the_shared_baseline():
+    assert layer_spearman(GRID, 4) == pytest.approx(1.0)  # 5, 10, 30, 70 over -0.1, 0, 0.1, 0.2
+    assert layer_spearman(GRID, 8) == pytest.approx(1.0)  # the undefined cell is left out
+    assert layer_spearman([cell(None, 0.0, 10, 90)], 4) is None
+
+
+def test_default_layers_spread_over_the_middle():
+    assert default_layers(30) == [7, 11, 14, 18, 22]
+    assert default_layers(4) == [1, 2, 3]
+    assert default_layers(1) == [0]
+
+
+@pytest.fixture
+def vectors(tiny, small_trait, hash_judge, tmp_path):
+    settings = ExtractSettings(max_new_tokens=4, min_pairs=1, thresholds=Thresholds(0, 101, 0))
+    store = RunStore(tmp_path / "run")
+    return extract_trait(tiny, small_trait, hash_judge(cache=store), store, settings, [0, 1, 2, 3], progress=False)
+
+
+def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors, tmp_path, monkeypatch):
+    v = vectors.vectors
+    generated = []
+    original = personaxis.runs.generate_batch
+    monkeypatch.setattr(personaxis.runs, "generate_batch", lambda *a, **k: generated.append(1) or original(*a, **k))
+    store = RunStore(tmp_path / "run")
+    settings = CalibrateSettings(coefs=(-2.0, 0.0, 2.0, 4.0), questions=2, max_new_tokens=5, coherence_min=0)
+    result = calibrate(tiny, small_trait, v, hash_judge(cache=store), store, [1, 2], settings, progress=False)
+    assert len(result["cells"]) == 1 + 2 * 3 and len(result["samples"]) == 7 * 2
+    assert result["settings"]["coefs"] == [-2.0, 0.0, 2.0, 4.0]
+    texts = {(s["layer"], s["coef"], s["question"]): s["text"] for s in result["samples"]}
+    assert texts[(2, 4.0, 0)] != texts[(None, 0.0, 0)]  # steering changed the reply
+    choice = result["choice"]
+    best = max((c for c in result["cells"] if c["coef"] > 0), key=lambda c: (c["trait"], -c["coef"]))
+    assert (choice["layer"], choice["coef"]) == (best["layer"], best["coef"])
+    assert set(result["spearman"]) == {"1", "2"}
+
+    judge = hash_judge(cache=store)
+    before = len(generated)
+    again = calibrate(tiny, small_trait, v, judge, store, [1, 2], settings, progress=False)
+    assert len(generated) == before and judge.asked == 0
+    assert again["cells"] == result["cells"]
+
+
+def test_steered_backend_keys_differ_from_plain(tiny, vectors):
+    from personaxis.runs import LocalBackend, Rollout, rollout_key
+    from personaxis.steering import steer_op
+
+    r = Rollout.make("a", [{"role": "user", "content": "Hello"}], Sampling(4))
+    op = steer_op(vectors.vectors, 1.0, 1, name="pirate")
+    steered = SteeredBackend(tiny, [op], {"layer": 1, "coef": 1.0})
+    stronger = SteeredBackend(tiny, [op], {"layer": 1, "coef": 2.0})
+    keys = {rollout_key(b.identity(), r) for b in (LocalBackend(tiny, []), steered, stronger)}
+    assert len(keys) == 3
+
+
+def test_trait_steering_uses_the_calibration_by_default(tiny, vectors):
+    v = vectors.vectors
+    chats = [[{"role": "user", "content": "Tell me about the sea."}]]
+    with pytest.raises(PersonaxisError, match="no calibration"):
+        trait_steer_op(v)
+    v.meta.extra["calibration"] = {"choice": {"layer": 2, "coef": 3.0, "units": "relative"}}
+    op = trait_steer_op(v)
+    expected = 3.0 * v.meta.mean_norms[2] * v.unit(2, "pirate")
+    assert op.layers == [2] and op.when == "response"
+    torch.testing.assert_close(op.deltas[2], expected)
+    plain = generate(tiny, chats, Sampling(6))[0].text
+    with trait_steering(tiny, v):
+        steered = generate(tiny, chats, Sampling(6))[0].text
+    assert steered == generate(tiny, chats, Sampling(6), ops=[trait_steer_op(v)])[0].text
+    assert steered != plain
+    with trait_steering(tiny, v, coef=0.0):  # an explicit strength overrides the calibrated one
+        assert generate(tiny, chats, Sampling(6))[0].text == plain

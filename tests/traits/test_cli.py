@@ -1,0 +1,78 @@
+"""The trait commands end to end on a tiny model saved to a folder, judged by a fake OpenAI-compatible server."""
+
+import json
+
+import pytest
+from tiny import build_tokenizer, tiny_llama
+
+from personaxis.traits import files
+from personaxis.vectors import Vectors
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    judge = f"openai:judge@{fake_openai.url}"
+    common = ["--model", folder, "--judge", judge, "--max-tokens", "4", "--dtype", "float32", "--any-counts"]
+    code, out, err = cli("trait", "extract", trait_file, *common, "--run", run, "--pos-min", "0", "--neg-max", "101",
+                         "--coherence-min", "0", "--min-pairs", "1")  # fmt: skip
+    assert code == 0, err
+    assert "kept" in out and (run / files.VECTORS).is_file() and (run / files.SAMPLES).is_file()
+    vectors = run / files.VECTORS
+
+    code, out, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, "--layers", "1,2",
+                         "--coefs", "-1,0,1,2", "--questions", "2", "--coherence-min", "0")  # fmt: skip
+    assert code == 0, err
+    assert "chose layer" in out and (run / files.CALIBRATION_PLOT).stat().st_size > 1000
+    choice = Vectors.load(vectors).meta.extra["calibration"]["choice"]
+    assert choice["layer"] in (1, 2) and choice["coef"] in (1.0, 2.0)
+
+    code, out, err = cli("trait", "monitor-eval", trait_file, *common, "--vectors", vectors, "--questions", "2")
+    assert code == 0, err
+    assert "Pearson r" in out
+    monitor = json.loads((run / files.MONITOR).read_text())
+    assert monitor["layer"] == choice["layer"] and monitor["n_points"] >= 16
+
+    code, out, err = cli("trait", "report", run)
+    assert code == 0, err
+    report = (run / files.REPORT).read_text()
+    for heading in ("## Extraction", "## Steering calibration", "## Monitoring"):
+        assert heading in report
+    for plot in ("scores.png", "calibration.png", "monitor.png"):
+        assert (run / plot).is_file() and plot in report
+
+    code, out, err = cli("monitor", "-m", folder, "-v", vectors, "--prompt", "Hello", "--system", "Be a pirate.")
+    assert code == 0, err
+    float(out.strip())
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    code, out, err = cli("monitor", "--model", folder, "--vectors", vectors, "--chat", chats, "--layer", "0")
+    assert code == 0, err
+    assert "layer 0" in out
+
+
+def test_bad_inputs(cli, folder, trait_file, tmp_path):
+    code, _, err = cli("trait", "extract", trait_file, "--model", folder)
+    assert code == 2 and "'instructions' has 2 pairs, expected 5" in err
+    code, _, err = cli("trait", "extract", "no-such-trait", "--model", folder)
+    assert code == 2 and "unknown trait 'no-such-trait'" in err
+    code, _, err = cli("trait", "extract", "evil", "--model", folder, "--samples", "0")
+    assert code == 2 and "samples must be at least 1" in err
+    code, _, err = cli("trait", "extract", "evil", "--model", folder, "--judge", "oracle")
+    assert code == 2 and "bad judge 'oracle'" in err
+    code, _, err = cli("trait", "calibrate", "evil", "--model", folder, "--vectors", tmp_path / "none.safetensors",
+                       "--coefs", "a,b")  # fmt: skip
+    assert code == 2 and "bad --coefs" in err
+    code, _, err = cli("monitor", "--model", folder, "--vectors", tmp_path / "v.safetensors")
+    assert code == 2 and "either --chat" in err
+    code, _, err = cli("trait", "report", tmp_path)
+    assert code == 2 and "not a trait run folder" in err
