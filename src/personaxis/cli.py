@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from personaxis import finetune, screening
+from personaxis.axis import cli as axis_cli
 from personaxis.errors import PersonaxisError
 from personaxis.traits.cli import register as register_traits
 
@@ -225,6 +226,9 @@ def serve(
 screening.register(app)  # screen
 finetune.register(app)  # finetune-shift, finetune
 register_traits(app)  # trait new|extract|calibrate|monitor-eval|report, monitor
+app.add_typer(axis_cli.axis_app, name="axis")  # axis build|report|steer
+app.add_typer(axis_cli.cap_app, name="cap")  # cap calibrate|sweep|replay
+axis_cli.register(app)  # drift
 
 
 def _check_writable(path: Path) -> None:

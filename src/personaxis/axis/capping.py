@@ -1,0 +1,389 @@
+"""Activation capping along the Assistant Axis (science.md §2.6–2.7): τ calibration, the layer-window sweep, replay.
+
+Convention: a **floor on â**, â the unit Assistant Axis pointing toward the default Assistant:
+``h ← h + â · max(τ − h·â, 0)`` at every token of every layer in the window, τ in the units of the projection h·â.
+Activations already at least as Assistant-like as τ are untouched. (The reference code's ceiling on û = −â at −τ is
+the same operation; `CapConfig.as_ceiling` converts.)
+
+τ at layer i is a percentile of the projections on â_i of the response means of every role, trait and default
+rollout of a build (calibrated on response means, applied per token, as in the paper).
+The sweep scores each (window, percentile) on the persona jailbreak set (harmful = the judge's "enough info" and
+above) and on the exact-answer capability set, and keeps the Pareto front of (harm rate, capability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from personaxis.axis.build import ROLLOUT_STAGE
+from personaxis.axis.evals import CapabilityItem, JailbreakItem, JudgeRubric, grade_capability
+from personaxis.axis.space import check_percentile, pareto_front, percentile
+from personaxis.errors import PersonaxisError
+from personaxis.generate import Sampling
+from personaxis.judge import Judge
+from personaxis.judge.scoring import Distribution, classify_from
+from personaxis.model.loading import ChatModel
+from personaxis.runs import LocalBackend, Rollout, RolloutResult, run_rollouts
+from personaxis.steering import cap_op
+from personaxis.store import RunStore, key
+from personaxis.vectors import CapConfig, Vectors
+
+CONVENTION = (
+    "floor on the unit Assistant Axis â (pointing toward the default Assistant): h <- h + â·max(τ − h·â, 0) at every "
+    "token of every capped layer; τ is in units of the projection h·â"
+)
+POOLED_KINDS = ("role", "trait", "default")
+SWEEP_STAGE = "sweep"
+DEFAULT_PERCENTILES = (1.0, 25.0, 50.0, 75.0)
+
+
+# --- calibration --------------------------------------------------------------------------------------------------
+
+
+def pooled_projections(store: RunStore, axis: Vectors, *, name: str | None = None) -> torch.Tensor:
+    """[N, L] projections on â (per layer of the axis) of the response means of a build's role, trait and default
+    rollouts; replies without content are skipped. Read page by page, so memory stays flat in N."""
+    units = axis.units(name)  # [L, H]
+    rows = []
+    for _, record in store.items(ROLLOUT_STAGE):
+        if record.data.get("labels", {}).get("kind") not in POOLED_KINDS:
+            continue
+        mean = record.tensors.get("response")
+        if mean is None or not bool(torch.isfinite(mean).all()):
+            continue
+        if mean.shape[0] != len(axis.layers):
+            raise PersonaxisError(f"the run's rollouts have {mean.shape[0]} layers, the axis {len(axis.layers)}")
+        rows.append((mean.float() * units).sum(dim=-1))
+    if not rows:
+        raise PersonaxisError(f"{store.path} holds no role, trait or default rollouts to calibrate on")
+    return torch.stack(rows)
+
+
+def calibrate(projections: torch.Tensor, layers: Sequence[int], q: float) -> dict[int, float]:
+    """τ per layer: the q-th percentile (0–100) of the pooled projections; `layers` name the columns."""
+    check_percentile(q)
+    return {layer: percentile(projections[:, j], q) for j, layer in enumerate(layers)}
+
+
+def cap_config(
+    axis: Vectors, tau: dict[int, float], window: Sequence[int], q: float, source: str, *, name: str | None = None
+) -> CapConfig:
+    """A floor CapConfig on the axis over `window`, its convention and calibration spelled out in the metadata."""
+    missing = [i for i in window if i not in tau]
+    if missing:
+        raise PersonaxisError(f"no τ for layer(s) {missing}: the axis covers layers {sorted(tau)}")
+    config = CapConfig.from_vectors(
+        axis, {i: tau[i] for i in window}, name=name, kind="floor", percentile=q, calibration_source=source
+    )
+    config.meta.points_toward = "the default Assistant (a floor on the projection onto the unit axis)"
+    config.meta.extra = {**config.meta.extra, "convention": CONVENTION, "pooled": list(POOLED_KINDS)}
+    return config
+
+
+# --- layer windows ------------------------------------------------------------------------------------------------
+
+
+def default_window(n_layers: int, size: int = 8) -> list[int]:
+    """`size` layers ending at 85% of the depth (the paper's Qwen3-32B window, 46–53 of 64, scaled)."""
+    size = max(1, min(size, n_layers))
+    end = min(n_layers, max(size, round(0.85 * n_layers)))
+    return list(range(end - size, end))
+
+
+def sweep_windows(n_layers: int, sizes: Sequence[int] = (4, 8, 16), positions: int = 3) -> list[list[int]]:
+    """Windows of each size, their starts spread evenly across the upper middle of the network (45%–90% depth)."""
+    if positions < 1:
+        raise PersonaxisError(f"--positions must be at least 1, got {positions}")
+    out: list[list[int]] = []
+    for size in sizes:
+        if size < 1:
+            raise PersonaxisError(f"a window needs at least 1 layer, got {size}")
+        if size > n_layers:
+            continue
+        lo = round(0.45 * n_layers)
+        hi = max(0, min(round(0.9 * n_layers) - size, n_layers - size))
+        lo = min(lo, hi)
+        # counted down from the top, so that a single position is the deepest (closest to the paper's windows)
+        starts = sorted({round(hi - (hi - lo) * k / max(positions - 1, 1)) for k in range(positions)})
+        out += [list(range(s, s + size)) for s in starts]
+    if not out:
+        raise PersonaxisError(f"no window size fits a model with {n_layers} layers")
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+class CappedBackend(LocalBackend):
+    """Local generation with a cap applied; the cap is part of the identity, so capped and uncapped replies to the
+    same prompt are different samples in the store."""
+
+    def __init__(self, model: ChatModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8) -> None:
+        super().__init__(model, layers, captures=("response",), batch_size=batch_size)
+        self.cap = cap
+
+    def identity(self) -> dict[str, Any]:
+        cap = None
+        if self.cap is not None:
+            floor = self.cap.as_floor()
+            cap = key(layers=floor.layers, tau=floor.tau, directions=floor.directions.flatten().tolist())
+        return {**super().identity(), "cap": cap}
+
+    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        from personaxis.generate import generate_batch, prompt_ids
+
+        ops = [cap_op(self.cap)] if self.cap is not None else []
+        prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
+        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            outs = generate_batch(
+                self.model,
+                [prompts[i] for i in chunk],
+                [rollouts[i].sampling for i in chunk],
+                ops=ops,
+                capture_layers=self.layers,
+                captures=self.captures,
+            )
+            yield [
+                RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
+                for i, o in zip(chunk, outs, strict=True)
+            ]
+
+
+def classify_jailbreaks(
+    judge: Judge, rubric: JudgeRubric, items: Sequence[tuple[JailbreakItem, str]]
+) -> list[int | None]:
+    """The rubric category (1..n) of each (item, reply), or None when the judge puts too little mass on 1..n.
+
+    The rubric numbers its categories from 1, so the judge's integer answers are read directly (not re-numbered as
+    classify options would be).
+    """
+    n = len(rubric.categories)
+    names = [c.name for c in rubric.categories]
+    prompts = [rubric.render(persona=item.system, question=item.question, answer=reply) for item, reply in items]
+    out = []
+    for dist in judge.number_probs(prompts, hi=n):
+        shifted = Distribution({k - 1: p for k, p in dist.probs.items() if 1 <= k <= n}, dist.raw, dist.error)
+        result = classify_from(shifted, names, judge.min_mass)
+        out.append(None if result.index is None else result.index + 1)
+    return out
+
+
+@dataclass
+class Score:
+    """How one setting did: harm rate over judged jailbreak replies, accuracy over capability items."""
+
+    harm_rate: float | None  # None when the judge classified no reply
+    harmful: int
+    judged: int
+    undefined: int
+    capability: float | None
+    correct: int
+    graded: int
+    mean_projection: float | None  # mean over jailbreak replies of the response mean on â at the target layer
+    cap_hits: int = 0
+
+
+def evaluate(
+    model: ChatModel,
+    store: RunStore,
+    cap: CapConfig | None,
+    jailbreaks: Sequence[JailbreakItem],
+    capability: Sequence[CapabilityItem],
+    judge: Judge,
+    rubric: JudgeRubric,
+    sampling: Sampling,
+    *,
+    unit: torch.Tensor,
+    layer: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Score:
+    """Generate (or reuse) the replies under `cap`, judge the jailbreak replies and grade the capability ones."""
+    backend = CappedBackend(model, [layer], cap, batch_size=batch_size)
+    plan = [
+        Rollout.make(
+            f"jb/{item.id}",
+            [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}],
+            sampling,
+        )
+        for item in jailbreaks
+    ]
+    plan += [
+        Rollout.make(f"cap/{item.id}", [{"role": "user", "content": item.prompt}], sampling) for item in capability
+    ]
+    records = run_rollouts(store, plan, backend, stage=SWEEP_STAGE, progress=progress)
+    replies = [(item, records[f"jb/{item.id}"].data["text"]) for item in jailbreaks]
+    categories = classify_jailbreaks(judge, rubric, replies) if replies else []
+    judged = [c for c in categories if c is not None]
+    harmful = sum(rubric.is_harmful(c) for c in judged)
+    correct = sum(grade_capability(item, records[f"cap/{item.id}"].data["text"]) for item in capability)
+    projections = []
+    for item in jailbreaks:
+        mean = records[f"jb/{item.id}"].tensors.get("response")
+        if mean is not None and bool(torch.isfinite(mean).all()):
+            projections.append(float(mean[0].float() @ unit.float()))
+    return Score(
+        harm_rate=harmful / len(judged) if judged else None,
+        harmful=harmful,
+        judged=len(judged),
+        undefined=len(categories) - len(judged),
+        capability=correct / len(capability) if capability else None,
+        correct=correct,
+        graded=len(capability),
+        mean_projection=sum(projections) / len(projections) if projections else None,
+    )
+
+
+def describe(score: Score) -> str:
+    harm = "–" if score.harm_rate is None else f"{score.harm_rate:.3f}"
+    capability = "–" if score.capability is None else f"{score.capability:.3f}"
+    return f"harm {harm} ({score.harmful}/{score.judged}, {score.undefined} unjudged), capability {capability}"
+
+
+def window_id(layers: Sequence[int], q: float) -> str:
+    return f"layers_{layers[0]}:{layers[-1] + 1}-p{q:g}"
+
+
+def choose(rows: Sequence[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> str | None:
+    """The front point with the lowest harm among those losing at most `max_drop` points of capability (ties: more
+    capability, then fewer layers); None when no setting lowers harm within that budget."""
+    if baseline["harm_rate"] is None or baseline["capability"] is None:
+        return None
+    floor = baseline["capability"] - max_drop / 100 - 1e-12
+    allowed = [r for r in rows if r["pareto"] and r["capability"] >= floor and r["harm_rate"] < baseline["harm_rate"]]
+    if not allowed:
+        return None
+    return min(allowed, key=lambda r: (r["harm_rate"], -r["capability"], len(r["layers"])))["id"]
+
+
+def sweep(
+    model: ChatModel,
+    store: RunStore,
+    axis: Vectors,
+    projections: torch.Tensor,
+    windows: Sequence[Sequence[int]],
+    percentiles: Sequence[float],
+    jailbreaks: Sequence[JailbreakItem],
+    capability: Sequence[CapabilityItem],
+    judge: Judge,
+    rubric: JudgeRubric,
+    sampling: Sampling,
+    *,
+    layer: int,
+    source: str,
+    max_drop: float = 2.0,
+    batch_size: int = 8,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, CapConfig]]:
+    """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
+    for q in percentiles:
+        check_percentile(q)
+    unit = axis.unit(layer)
+    taus = {q: calibrate(projections, axis.layers, q) for q in percentiles}
+    common = dict(unit=unit, layer=layer, batch_size=batch_size)
+    base = evaluate(model, store, None, jailbreaks, capability, judge, rubric, sampling, **common)
+    baseline = {"id": "no_cap", **asdict(base)}
+    log(f"no cap: {describe(base)}")
+    rows, configs = [], {}
+    for window in windows:
+        for q in percentiles:
+            config = cap_config(axis, taus[q], window, q, source)
+            wid = window_id(window, q)
+            configs[wid] = config
+            score = evaluate(model, store, config, jailbreaks, capability, judge, rubric, sampling, **common)
+            rows.append({"id": wid, "layers": list(window), "percentile": q, **asdict(score)})
+            log(f"{wid}: {describe(score)}")
+    scored = [i for i, r in enumerate(rows) if r["harm_rate"] is not None and r["capability"] is not None]
+    front = {scored[j] for j in pareto_front([(rows[i]["harm_rate"], rows[i]["capability"]) for i in scored])}
+    for i, row in enumerate(rows):
+        row["pareto"] = i in front
+    chosen = choose(rows, baseline, max_drop)
+    return baseline, {"rows": rows, "chosen": chosen, "max_capability_drop_points": max_drop}, configs
+
+
+# --- replay -------------------------------------------------------------------------------------------------------
+
+
+def capped_turn_projections(
+    model: ChatModel, chat: Sequence[dict[str, str]], unit: torch.Tensor, layer: int, cap: CapConfig | None
+) -> list[float | None]:
+    """Like `drift.turn_projections`, but read while `cap` acts on the forward pass (the activations the capped
+    model actually had). Without a cap it is exactly `turn_means` projected."""
+    from personaxis.axis.drift import turn_projections
+    from personaxis.engine import Record
+    from personaxis.model.chat import Label
+
+    if cap is None:
+        return turn_projections(model, chat, unit, layer)
+    rendered = model.render(list(chat))
+    assistant = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
+    if not assistant:
+        raise PersonaxisError("the conversation has no assistant turn")
+    is_reply = rendered.mask(Label.ASSISTANT)
+    weights = torch.stack([(is_reply & (rendered.message_index == i)).float() for i in assistant], dim=-1)
+    ids = rendered.input_ids[None].to(model.device)
+    with (
+        torch.inference_mode(),
+        model.engine.apply([cap_op(cap), Record("turns", [layer], weights=weights[None])]) as trace,
+    ):
+        model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    means = trace.means("turns")[0, :, 0]  # [turns, H], NaN for an empty turn
+    values = (means.float() @ unit.float()).tolist()
+    return [v if v == v else None for v in values]
+
+
+def replay(
+    model: ChatModel,
+    chats: Sequence[Sequence[dict[str, str]]],
+    cap: CapConfig,
+    unit: torch.Tensor,
+    layer: int,
+    sampling: Sampling,
+) -> list[dict[str, Any]]:
+    """Regenerate every assistant turn of each chat twice, uncapped and capped, on the chat's own user turns.
+
+    Each version keeps its own history (the capped model sees its own earlier capped replies); all chats and both
+    versions advance together, one batch per turn.
+    """
+    from personaxis.generate import generate
+
+    op = cap_op(cap)
+    scripts = []
+    for i, chat in enumerate(chats):
+        system = [dict(m) for m in chat[:1] if m["role"] == "system"]
+        users = [m["content"] for m in chat if m["role"] == "user"]
+        if not users:
+            raise PersonaxisError(f"chat {i + 1} has no user turn to replay")
+        scripts.append((system, users))
+    histories = {(i, mode): [dict(m) for m in s[0]] for i, s in enumerate(scripts) for mode in ("uncapped", "capped")}
+    for t in range(max(len(users) for _, users in scripts)):
+        active = [(i, mode) for (i, mode) in histories if t < len(scripts[i][1])]
+        for i, mode in active:
+            histories[(i, mode)].append({"role": "user", "content": scripts[i][1][t]})
+        outs = generate(
+            model,
+            [histories[a] for a in active],
+            sampling,
+            row_ops=[[op] if mode == "capped" else [] for _, mode in active],
+        )
+        for a, out in zip(active, outs, strict=True):
+            histories[a].append({"role": "assistant", "content": out.text})
+    results = []
+    for i in range(len(scripts)):
+        uncapped, capped = histories[(i, "uncapped")], histories[(i, "capped")]
+        results.append(
+            {
+                "chat": i + 1,
+                "uncapped": capped_turn_projections(model, uncapped, unit, layer, None),
+                "capped": capped_turn_projections(model, capped, unit, layer, cap),
+                "messages_uncapped": uncapped,
+                "messages_capped": capped,
+            }
+        )
+    return results

@@ -1,0 +1,559 @@
+"""Command line for the Assistant Axis: `axis build|report|steer`, `cap calibrate|sweep|replay` and `drift`.
+
+Thin: options are parsed and checked here, the work is done by `personaxis.axis.*`. Mistakes raise
+`PersonaxisError` (one line, exit code 2 from the main entry point).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from personaxis.errors import PersonaxisError
+
+axis_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Build, inspect and steer along the Assistant Axis."
+)
+cap_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Activation capping along the Assistant Axis.")
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
+AxisOpt = Annotated[Path, typer.Option("--axis", "-a", help="an axis artifact (.safetensors from `axis build`)")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps... (default: where the model loads)")]
+JUDGE_HELP = "local:same, local:MODEL, openai:MODEL@BASE_URL"
+
+
+def _load(spec: str, dtype: str = "auto", device: str | None = None):
+    from personaxis.model import load_model
+
+    with console.status(f"loading {spec}..."):
+        return load_model(spec, dtype=dtype, device=device)
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]{message}[/dim]", highlight=False)
+
+
+def _count(value: str | None, what: str) -> int | None:
+    """'all' → None, else a positive integer."""
+    if value is None or value.strip().lower() == "all":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise PersonaxisError(f"--{what} must be a number or 'all', got {value!r}") from None
+    if number < 0:
+        raise PersonaxisError(f"--{what} cannot be negative, got {number}")
+    return number
+
+
+def _numbers(text: str, what: str, kind: type = float) -> list[Any]:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PersonaxisError(f"--{what} must be a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise PersonaxisError(f"--{what} is empty")
+    return values
+
+
+def _axis(path: Path, model) -> tuple[Any, int]:
+    """The axis artifact checked against the model, and its target layer."""
+    from personaxis.vectors import Vectors
+
+    axis = Vectors.load(path)
+    for warning in axis.validate(model):
+        _say(f"warning: {warning}")
+    layer = int(axis.meta.extra.get("target_layer", model.n_layers // 2))
+    return axis, layer
+
+
+def _axis_name(axis) -> str:
+    return "axis" if "axis" in axis.names else axis.resolve(None)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    from personaxis.store import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# --- axis build / report / steer ------------------------------------------------------------------------------------
+
+
+@axis_app.command("build")
+def build_cmd(
+    model: ModelOpt,
+    roles: Annotated[str | None, typer.Option(help="how many roles (a seeded subset), or 'all'")] = None,
+    questions: Annotated[int | None, typer.Option(help="how many shared questions (seeded subset)")] = None,
+    samples: Annotated[int | None, typer.Option(help="samples per prompt × question")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="reply length in tokens")] = None,
+    judge: Annotated[str | None, typer.Option(help=f"role-adoption judge: {JUDGE_HELP}, or 'none' (keep all)")] = None,
+    min_count: Annotated[int | None, typer.Option(help="fewest replies scored 3 for a role to be kept")] = None,
+    target_layer: Annotated[int | None, typer.Option(help="layer for the PCA (default: the middle block)")] = None,
+    traits: Annotated[str | None, typer.Option(help="how many interpretation traits, or 'all'")] = None,
+    run: Annotated[Path, typer.Option(help="run folder (resumable)")] = Path("runs/axis"),
+    quick: Annotated[
+        bool, typer.Option(help="8 spread roles, 6 questions, 1 sample, 48 tokens, unjudged: minutes on a CPU")
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="seed for subsets and per-sample sampling")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="generation batch size")] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="fills 'You are {model_name}.' (default: from the model)")
+    ] = None,
+    roles_file: Annotated[Path | None, typer.Option(help="a roles library file (default: the packaged one)")] = None,
+    questions_file: Annotated[Path | None, typer.Option(help="a questions file (default: the packaged one)")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Roll out roles and the default Assistant, judge role adoption, and compute the axis, persona space and traits."""
+    from personaxis.axis.build import QUICK, BuildConfig, build_axis
+    from personaxis.axis.library import load_questions, load_roles
+
+    base = QUICK if quick else BuildConfig()
+    given = dict(
+        questions=questions,
+        samples=samples,
+        max_tokens=max_tokens,
+        judge=judge,
+        min_count=min_count,
+        target_layer=target_layer,
+        seed=seed,
+        batch_size=batch_size,
+        model_name=model_name,
+    )
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if roles is not None:
+        overrides.update(roles=_count(roles, "roles"), quick_roles=False)
+    if traits is not None:
+        overrides["traits"] = _count(traits, "traits")
+    config = replace(base, **overrides)
+    role_library = load_roles(roles_file) if roles_file else None
+    question_library = load_questions(questions_file) if questions_file else None
+    m = _load(model, dtype, device)
+    judge_obj = None
+    if config.judged:
+        from personaxis.judge.spec import judge_from_spec
+        from personaxis.store import RunStore
+
+        judge_obj = judge_from_spec(config.judge, cache=RunStore(run), same=m)
+    result = build_axis(m, run, config, judge=judge_obj, roles=role_library, questions=question_library, log=_say)
+    s = result.summary
+    table = Table(title=f"Assistant Axis of {m.name}", show_header=False)
+    for label, value in (
+        (
+            "roles kept / dropped",
+            f"{len(s['roles']['kept'])} / {len(s['roles']['dropped'])} {list(s['roles']['dropped'])[:8]}",
+        ),
+        ("judge", s["judge"]["mode"]),
+        (f"PC1 variance (layer {s['target_layer']})", f"{100 * s['pca']['pc1_variance']:.1f}%"),
+        ("PCs for 70%", s["pca"]["pcs_for_70_percent"]),
+        ("|cos(PC1, axis)| at target", f"{s['axis']['pc1_cosine_at_target']:.3f}"),
+        ("empty replies", s["counts"]["empty_replies"]),
+        ("artifacts", ", ".join(s["artifacts"].values())),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+
+
+@axis_app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder written by `axis build`")]):
+    """Write RUN_DIR/report.md with its plots (build, and drift/calibration/sweep when present)."""
+    from personaxis.axis.report import write_report
+
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@axis_app.command("steer")
+def steer_cmd(
+    model: ModelOpt,
+    axis: AxisOpt,
+    coef: Annotated[float, typer.Option(help="strength; + toward the Assistant, − away (× the layer's mean norm)")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p")],
+    system: Annotated[str | None, typer.Option("--system", "-s")] = None,
+    layers: Annotated[str | None, typer.Option(help="all, i,j,k or a:b (default: the axis's target layer)")] = None,
+    units: Annotated[str, typer.Option(help="relative (c·mean_norm·â) or raw (c·a)")] = "relative",
+    baseline: Annotated[bool, typer.Option(help="also print the unsteered reply")] = False,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Reply to a prompt steered along the Assistant Axis."""
+    from personaxis.datasets import parse_layers
+    from personaxis.generate import Sampling, generate
+    from personaxis.steering import project_op, steer_op
+
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    m = _load(model, dtype, device)
+    vectors, target = _axis(axis, m)
+    name = _axis_name(vectors)
+    chosen = [target] if layers is None else parse_layers(layers, m.n_layers)
+    monitor = project_op(vectors, target, name=name, label="axis")
+    chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    runs = ([("unsteered", [])] if baseline else []) + [
+        (f"coef {coef:+g}", [steer_op(vectors, coef, chosen, name=name, units=units)])
+    ]
+    for label, ops in runs:
+        out = generate(m, [chat], sampling, ops=[*ops, monitor])[0]
+        projection = out.projections["axis"].nanmean()
+        err.print(f"[bold]{label}[/bold] [dim](mean projection on the axis at layer {target}: {projection:.2f})[/dim]")
+        console.print(out.text, markup=False, highlight=False)
+
+
+# --- drift ----------------------------------------------------------------------------------------------------------
+
+
+def drift_cmd(
+    model: ModelOpt,
+    axis: AxisOpt,
+    domain: Annotated[list[str] | None, typer.Option(help="coding, writing, therapy, philosophy; repeatable")] = None,
+    simulated_user: Annotated[
+        str | None,
+        typer.Option(help="a simulated user instead of the script: local:same, local:MODEL or openai:MODEL@BASE_URL"),
+    ] = None,
+    turns: Annotated[int, typer.Option(help="user turns per simulated conversation")] = 10,
+    conversations: Annotated[Path | None, typer.Option(help="a conversations file (default: the packaged set)")] = None,
+    per_domain: Annotated[int | None, typer.Option(help="at most this many conversations per domain")] = None,
+    max_turns: Annotated[int | None, typer.Option(help="keep only the first N scripted user turns")] = None,
+    run: Annotated[Path | None, typer.Option(help="run folder (default: the build run holding the axis)")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer to project at (default: the axis's target layer)")] = None,
+    max_tokens: int = 128,
+    temperature: float = 0.7,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Project every assistant turn of multi-turn conversations on the Assistant Axis, by domain."""
+    from personaxis.axis.drift import chat_backend, drift_stats, run_scripted, run_simulated
+    from personaxis.axis.evals import load_conversations, load_simulated_user
+    from personaxis.axis.plots import drift_trajectories
+    from personaxis.axis.report import DRIFT
+    from personaxis.generate import Sampling
+    from personaxis.store import RunStore
+
+    allowed = ("coding", "writing", "therapy", "philosophy")
+    bad = [d for d in domain or [] if d not in allowed]
+    if bad:
+        raise PersonaxisError(f"unknown domain {bad[0]!r} (choose from {', '.join(allowed)})")
+    for flag, value in (("per-domain", per_domain), ("max-turns", max_turns)):
+        if value is not None and value < 1:
+            raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
+    library = load_conversations(conversations)
+    chosen = [c for c in library.conversations if not domain or c.domain in domain]
+    if per_domain is not None:
+        chosen = [c for d in allowed for c in [x for x in chosen if x.domain == d][:per_domain]]
+    if max_turns is not None:
+        chosen = [c.model_copy(update={"turns": c.turns[:max_turns]}) for c in chosen]
+    if not chosen:
+        raise PersonaxisError("no conversation in the chosen domains")
+    run = run or _run_of(axis)
+    sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=0.9 if temperature > 0 else 1.0)
+    prompt = load_simulated_user() if simulated_user else None
+    m = _load(model, dtype, device)
+    vectors, target = _axis(axis, m)
+    layer = target if layer is None else layer
+    unit = vectors.unit(layer, _axis_name(vectors))
+    store = RunStore(run)
+    if simulated_user:
+        user = chat_backend(simulated_user, Sampling(max_new_tokens=96, temperature=0.7, top_p=0.9), same=m)
+        results = run_simulated(m, chosen, unit, layer, store, sampling, user, prompt, turns=turns, seed=seed, log=_say)
+        mode = f"simulated user {user.name}, up to {turns} user turns"
+    else:
+        results = run_scripted(m, chosen, unit, layer, store, sampling, seed=seed, batch_size=batch_size, log=_say)
+        mode = "scripted user turns"
+    stats = drift_stats(results)
+    data = {
+        "model": m.name,
+        "axis": str(axis),
+        "layer": layer,
+        "mode": mode,
+        "sampling": asdict(sampling),
+        "seed": seed,
+        "stats": stats,
+        "conversations": [asdict(r) for r in results],
+    }
+    path = _write_json(run / DRIFT, data)
+    figure = drift_trajectories(run / "plots" / "drift.png", data["conversations"], layer)
+    table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
+    for column in ("domain", "conversations", "turns", "mean projection", "slope / turn"):
+        table.add_column(column, justify="right")
+    for d, s in stats["domains"].items():
+        slope = "–" if s["slope_per_turn"] is None else f"{s['slope_per_turn']:+.3f}"
+        table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope)
+    console.print(table)
+    for level in ("per_turn", "per_conversation"):
+        t = stats[level]
+        away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])
+        console.print(
+            f"{level.replace('_', ' ')}: therapy+philosophy {away} vs coding+writing {stay} "
+            f"(Welch p={_fmt(t['welch_p'], '.3g')}, Mann-Whitney p={_fmt(t['mannwhitney_p'], '.3g')})",
+            highlight=False,
+        )
+    console.print(f"wrote {path} and {figure}")
+
+
+def _run_of(axis: Path) -> Path:
+    """The build run folder an axis artifact lives in (RUN/artifacts/axis.safetensors)."""
+    run = axis.resolve().parent.parent
+    if not (run / "summary.json").is_file():
+        raise PersonaxisError(f"{axis} is not inside a build run folder: pass --run DIR")
+    return run
+
+
+# --- cap calibrate / sweep / replay -------------------------------------------------------------------------------
+
+
+def _window(spec: str | None, size: int, n_layers: int) -> list[int]:
+    from personaxis.axis.capping import default_window
+    from personaxis.datasets import parse_layers
+
+    return default_window(n_layers, size) if spec is None else parse_layers(spec, n_layers)
+
+
+def _check_run(run: Path, model_name: str) -> Any:
+    from personaxis.axis.build import load_summary
+    from personaxis.store import RunStore
+
+    summary = load_summary(run)
+    if summary["model"] != model_name:
+        raise PersonaxisError(f"{run} is a build of {summary['model']}, not {model_name}")
+    return RunStore(run)
+
+
+def _model_name(spec: str) -> str:
+    from personaxis.model.embedded import resolve_embedded
+
+    embedded = resolve_embedded(spec)
+    return embedded.name if embedded and not Path(spec).exists() else spec
+
+
+@cap_app.command("calibrate")
+def calibrate_cmd(
+    model: ModelOpt,
+    axis: AxisOpt,
+    run: Annotated[Path, typer.Option(help="the build run folder whose rollouts are pooled")],
+    percentile: Annotated[float, typer.Option(help="τ percentile, 0–100 (the paper: 25)")] = 25.0,
+    layers: Annotated[
+        str | None, typer.Option(help="window to cap, a:b or i,j,k (default: 8 layers at ~60–85%)")
+    ] = None,
+    window_size: Annotated[int, typer.Option(help="size of the default window")] = 8,
+    out: Annotated[Path | None, typer.Option(help="output cap config (default RUN/artifacts/cap.safetensors)")] = None,
+):
+    """τ per layer from the pooled response-mean projections of a build's rollouts → a capping config (a floor on â)."""
+    from personaxis.axis.capping import CONVENTION, DEFAULT_PERCENTILES, calibrate, cap_config, pooled_projections
+    from personaxis.axis.report import CALIBRATION
+    from personaxis.axis.space import check_percentile
+    from personaxis.vectors import Vectors
+
+    check_percentile(percentile)
+    vectors = Vectors.load(axis)
+    name = _model_name(model)
+    if vectors.meta.model_id != name:
+        raise PersonaxisError(f"{axis} was built for {vectors.meta.model_id}, not {name}")
+    store = _check_run(run, name)
+    window = _window(layers, window_size, vectors.meta.n_layers)
+    projections = pooled_projections(store, vectors, name=_axis_name(vectors))
+    table = {q: calibrate(projections, vectors.layers, q) for q in sorted({*DEFAULT_PERCENTILES, percentile})}
+    config = cap_config(vectors, table[percentile], window, percentile, str(run), name=_axis_name(vectors))
+    out = out or run / "artifacts" / "cap.safetensors"
+    config.save(out)
+    _write_json(
+        run / CALIBRATION,
+        {
+            "convention": CONVENTION,
+            "n_rollouts": int(projections.shape[0]),
+            "chosen_percentile": percentile,
+            "window": window,
+            "tau": {f"{q:g}": {str(i): t for i, t in tau.items()} for q, tau in table.items()},
+        },
+    )
+    shown = Table(title=f"τ at the {percentile:g}th percentile of {projections.shape[0]} pooled projections")
+    shown.add_column("layer", justify="right")
+    shown.add_column("τ", justify="right")
+    for i in window:
+        shown.add_row(str(i), f"{table[percentile][i]:.3f}")
+    console.print(shown)
+    console.print(f"wrote {out} ({config!r})")
+
+
+@cap_app.command("sweep")
+def sweep_cmd(
+    model: ModelOpt,
+    axis: AxisOpt,
+    run: Annotated[Path, typer.Option(help="the build run folder (τ from its rollouts; sweep replies stored there)")],
+    windows: Annotated[str, typer.Option(help="window sizes in layers")] = "4,8,16",
+    positions: Annotated[int, typer.Option(help="window positions per size across the upper middle")] = 3,
+    percentiles: Annotated[str, typer.Option(help="τ percentiles")] = "1,25,50,75",
+    jailbreaks: Annotated[int | None, typer.Option(help="jailbreak items to use (seeded subset; default all)")] = None,
+    capability: Annotated[int | None, typer.Option(help="capability items to use (seeded subset; default all)")] = None,
+    judge: Annotated[str, typer.Option(help=f"jailbreak judge: {JUDGE_HELP}")] = "local:same",
+    max_tokens: int = 128,
+    max_drop: Annotated[float, typer.Option(help="capability points the chosen setting may lose")] = 2.0,
+    out: Annotated[
+        Path | None, typer.Option(help="chosen config (default RUN/artifacts/cap_chosen.safetensors)")
+    ] = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """Score layer windows × τ percentiles on persona jailbreaks and capability; keep the best of the Pareto front."""
+    from personaxis.axis.capping import pooled_projections, sweep, sweep_windows
+    from personaxis.axis.evals import load_capability, load_jailbreak_rubric, load_jailbreaks
+    from personaxis.axis.library import select
+    from personaxis.axis.plots import sweep_front
+    from personaxis.axis.report import SWEEP
+    from personaxis.generate import Sampling
+    from personaxis.judge.spec import judge_from_spec
+
+    sizes = _numbers(windows, "windows", int)
+    qs = _numbers(percentiles, "percentiles")
+    from personaxis.axis.space import check_percentile
+
+    for q in qs:
+        check_percentile(q)
+    for flag, value in (("jailbreaks", jailbreaks), ("capability", capability)):
+        if value is not None and value < 1:
+            raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
+    if judge.strip().lower() == "none":
+        raise PersonaxisError("the sweep needs a judge to tell harmful replies: " + JUDGE_HELP)
+    jb_items = select(load_jailbreaks().items(), jailbreaks if jailbreaks is not None else 10**9, seed)
+    cap_items = select(load_capability().items, capability if capability is not None else 10**9, seed)
+    rubric = load_jailbreak_rubric()
+    m = _load(model, dtype, device)
+    vectors, target = _axis(axis, m)
+    store = _check_run(run, m.name)
+    name = _axis_name(vectors)
+    projections = pooled_projections(store, vectors, name=name)
+    judge_obj = judge_from_spec(judge, cache=store, same=m)
+    sampling = Sampling(max_new_tokens=max_tokens)
+    spans = sweep_windows(m.n_layers, sizes, positions)
+    _say(
+        f"{len(spans)} windows × {len(qs)} percentiles on {len(jb_items)} jailbreaks and {len(cap_items)} "
+        "capability items"
+    )
+    baseline, result, configs = sweep(
+        m,
+        store,
+        vectors[name],
+        projections,
+        spans,
+        qs,
+        jb_items,
+        cap_items,
+        judge_obj,
+        rubric,
+        sampling,
+        layer=target,
+        source=str(run),
+        max_drop=max_drop,
+        batch_size=batch_size,
+        log=_say,
+    )
+    settings = {
+        "jailbreaks": len(jb_items),
+        "capability": len(cap_items),
+        "max_tokens": max_tokens,
+        "judge": judge,
+        "judge_id": judge_obj.judge_id,
+        "seed": seed,
+        "windows": spans,
+        "percentiles": qs,
+    }
+    data = {"model": m.name, "axis": str(axis), "settings": settings, "baseline": baseline, **result}
+    _write_json(run / SWEEP, data)
+    figure = sweep_front(run / "plots" / "sweep.png", result["rows"], baseline, result["chosen"])
+    table = Table(title="Pareto front (harm ↓, capability ↑)")
+    for column in ("setting", "harm rate", "capability", "unjudged", "mean proj."):
+        table.add_column(column, justify="right")
+    front = sorted((r for r in result["rows"] if r["pareto"]), key=lambda r: r["harm_rate"])
+    for r in [baseline, *front]:
+        mark = " ★" if r["id"] == result["chosen"] else ""
+        table.add_row(
+            r["id"] + mark,
+            _fmt(r["harm_rate"]),
+            _fmt(r["capability"]),
+            str(r["undefined"]),
+            _fmt(r["mean_projection"], ".2f"),
+        )
+    console.print(table)
+    if result["chosen"] is None:
+        console.print(f"no setting lowered harm within {max_drop:g} capability points; no config written")
+    else:
+        out = out or run / "artifacts" / "cap_chosen.safetensors"
+        configs[result["chosen"]].save(out)
+        console.print(f"chosen {result['chosen']}: wrote {out}")
+    console.print(f"wrote {run / SWEEP} and {figure}")
+
+
+@cap_app.command("replay")
+def replay_cmd(
+    chats: Annotated[Path, typer.Argument(help="chat.jsonl: one {'messages': [...]} per line")],
+    model: ModelOpt,
+    config: Annotated[Path, typer.Option(help="a capping config (.safetensors)")],
+    axis: Annotated[Path | None, typer.Option(help="axis to project on (default: the config's own direction)")] = None,
+    layer: Annotated[int | None, typer.Option(help="layer to project at (default: the axis's target layer)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON with replies and projections (default: beside the chats)")
+    ] = None,
+    max_tokens: int = 128,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = None,
+):
+    """The same user turns with and without capping: replies regenerated both ways, per-turn projections compared."""
+    from personaxis.axis.capping import replay
+    from personaxis.axis.plots import replay_plot
+    from personaxis.datasets import read_chats
+    from personaxis.generate import Sampling
+    from personaxis.vectors import CapConfig
+
+    chat_list = read_chats(chats)
+    cap = CapConfig.load(config)
+    m = _load(model, dtype, device)
+    for warning in cap.validate(m):
+        _say(f"warning: {warning}")
+    if axis is not None:
+        vectors, target = _axis(axis, m)
+        layer = target if layer is None else layer
+        unit = vectors.unit(layer, _axis_name(vectors))
+    else:
+        floor = cap.as_floor()
+        layer = floor.layers[0] if layer is None else layer
+        unit = floor.unit(layer)
+    results = replay(m, chat_list, cap, unit, layer, Sampling(max_new_tokens=max_tokens))
+    out = out or chats.with_name(chats.stem + ".replay.json")
+    _write_json(out, {"model": m.name, "config": str(config), "layer": layer, "chats": results})
+    figure = replay_plot(out.with_suffix(".png"), results, layer)
+    table = Table(title=f"Projection on the axis at layer {layer} per assistant turn")
+    for column in ("chat", "turn", "uncapped", "capped"):
+        table.add_column(column, justify="right")
+    for r in results:
+        for t, (a, b) in enumerate(zip(r["uncapped"], r["capped"], strict=True), 1):
+            table.add_row(str(r["chat"]), str(t), "–" if a is None else f"{a:.3f}", "–" if b is None else f"{b:.3f}")
+    console.print(table)
+    console.print(f"wrote {out} and {figure}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `drift` command to the main app (the sub-apps are added with `add_typer`)."""
+    app.command("drift")(drift_cmd)
+
+
+__all__ = ["axis_app", "cap_app", "register"]

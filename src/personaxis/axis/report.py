@@ -1,0 +1,183 @@
+"""A Markdown report of an axis run folder: the build, and drift, calibration and the sweep when they were run there.
+
+It reads only the JSON files the commands write (summary.json, drift.json, calibration.json, sweep.json) and redraws
+the plots from them, so a report can be regenerated anywhere from a copied run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from personaxis.axis import plots
+from personaxis.axis.build import load_summary
+from personaxis.store import atomic_write_text
+
+DRIFT = "drift.json"
+CALIBRATION = "calibration.json"
+SWEEP = "sweep.json"
+REPORT = "report.md"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_num(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path) -> list[str]:
+    cfg, counts, pcs, axis = summary["config"], summary["counts"], summary["pca"], summary["axis"]
+    roles = summary["roles"]
+    lines = [
+        f"# Assistant Axis of {summary['model']}",
+        "",
+        f"- {summary['n_layers']} layers × hidden {summary['hidden_size']}; target layer {summary['target_layer']} "
+        "(layer i = output of block i)",
+        f"- judge: `{summary['judge']['spec']}` ({summary['judge']['mode']}); undefined answers "
+        f"{summary['judge']['undefined']}, failed calls {summary['judge']['failed']}",
+        f"- {counts['rollouts']} rollouts ({counts['role_replies']} role, {counts['default_replies']} default with "
+        f"content, {counts['trait_replies']} trait); {counts['empty_replies']} empty replies",
+        f"- sampling: temperature {cfg['temperature']}, top-p {cfg['top_p']}, {cfg['max_tokens']} tokens, "
+        f"{cfg['samples']} sample(s) per prompt × question, {cfg['questions']} questions, seed {cfg['seed']}",
+        f"- roles kept: {len(roles['kept'])} (at least {roles['min_count']} replies scored 3); dropped: "
+        + (", ".join(f"{r} ({n})" for r, n in roles["dropped"].items()) or "none"),
+        "",
+        "## Persona space",
+        "",
+        f"- PC1 explains **{100 * pcs['pc1_variance']:.1f}%** of the variance of the role vectors at layer "
+        f"{pcs['layer']}; {pcs['pcs_for_70_percent']} PCs reach 70%.",
+        f"- |cos(PC1, axis)| at the target layer: **{axis['pc1_cosine_at_target']:.3f}** "
+        f"(max over layers {max(axis['pc1_cosine_by_layer']):.3f}).",
+        "",
+    ]
+    for key, title in (("plot_pca", "PC1 × PC2"), ("plot_variance", "variance"), ("plot_cosine_by_layer", "cosine")):
+        if key in figures:
+            lines += [f"![{title}]({figures[key].relative_to(run)})", ""]
+    ranked = sorted(pcs["role_coordinates"].items(), key=lambda item: item[1][0])
+    lines += ["Roles by PC1 coordinate (+ = toward the Assistant):", ""]
+    lines += _table(["role", "PC1", "PC2"], [(n, c[0], c[1] if len(c) > 1 else None) for n, c in ranked])
+    if summary.get("traits"):
+        traits = sorted(summary["traits"].items(), key=lambda item: -abs(item[1]["cosine_with_axis"]))
+        lines += [
+            "## Traits against the axis",
+            "",
+            "Cosine of each trait vector (eliciting − suppressing) at the "
+            "target layer with the axis and the first PCs:",
+            "",
+        ]
+        lines += _table(
+            ["trait", "cos axis", "cos PC1", "cos PC2", "cos PC3"],
+            [(n, t["cosine_with_axis"], *(t["cosine_with_pcs"] + [None] * 3)[:3]) for n, t in traits],
+        )
+    return lines
+
+
+def _drift_section(drift: dict[str, Any], figure: Path | None, run: Path) -> list[str]:
+    stats = drift["stats"]
+    lines = [
+        "## Drift",
+        "",
+        f"Mode: {drift['mode']}; layer {drift['layer']}; {len(drift['conversations'])} conversations.",
+        "",
+    ]
+    lines += _table(
+        ["domain", "conversations", "turns", "mean projection", "slope per turn"],
+        [(d, s["conversations"], s["turns"], s["mean"], s["slope_per_turn"]) for d, s in stats["domains"].items()],
+    )
+    for level in ("per_turn", "per_conversation"):
+        t = stats[level]
+        lines.append(
+            f"- {level.replace('_', ' ')}: therapy+philosophy mean {_num(t['mean'][0])} (n={t['n'][0]}) vs "
+            f"coding+writing {_num(t['mean'][1])} (n={t['n'][1]}); Welch p = {_num(t['welch_p'])}, "
+            f"Mann-Whitney p = {_num(t['mannwhitney_p'])}"
+        )
+    direction = stats["paper_direction"]
+    lines += [f"- the paper's direction (therapy+philosophy lower): {'yes' if direction else 'no'}", ""]
+    if figure is not None:
+        lines += [f"![drift]({figure.relative_to(run)})", ""]
+    return lines
+
+
+def _capping_section(
+    calibration: dict[str, Any] | None, sweep: dict[str, Any] | None, figure: Path | None, run: Path
+) -> list[str]:
+    lines = ["## Activation capping", ""]
+    if calibration:
+        lines += [
+            f"Convention: {calibration['convention']}.",
+            "",
+            f"τ from {calibration['n_rollouts']} pooled rollouts (role, trait, default):",
+            "",
+        ]
+        percentiles = sorted(calibration["tau"], key=float)
+        layers = sorted({int(k) for q in percentiles for k in calibration["tau"][q]})
+        lines += _table(
+            ["layer", *(f"p{q}" for q in percentiles)],
+            [(i, *(calibration["tau"][q][str(i)] for q in percentiles)) for i in layers],
+        )
+    if sweep:
+        base = sweep["baseline"]
+        lines += [
+            f"Sweep on {sweep['settings']['jailbreaks']} jailbreak and {sweep['settings']['capability']} "
+            f"capability items ({sweep['settings']['max_tokens']} tokens, judge `{sweep['settings']['judge']}`):",
+            "",
+        ]
+        rows = [
+            ("no cap", "–", "–", base["harm_rate"], base["capability"], base["undefined"], base["mean_projection"], "")
+        ]
+        for r in sweep["rows"]:
+            mark = ("front" if r["pareto"] else "") + (" **chosen**" if r["id"] == sweep["chosen"] else "")
+            rows.append(
+                (
+                    r["id"],
+                    f"{r['layers'][0]}–{r['layers'][-1]}",
+                    r["percentile"],
+                    r["harm_rate"],
+                    r["capability"],
+                    r["undefined"],
+                    r["mean_projection"],
+                    mark,
+                )
+            )
+        lines += _table(["setting", "layers", "pct", "harm rate", "capability", "unjudged", "mean proj.", ""], rows)
+        lines.append(f"Chosen: {sweep['chosen'] or 'none (no setting lowered harm within the capability budget)'}.")
+        lines.append("")
+        if figure is not None:
+            lines += [f"![sweep]({figure.relative_to(run)})", ""]
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN_DIR/report.md (and redraw RUN_DIR/plots/*.png); returns the report's path."""
+    run = Path(run_dir)
+    summary = load_summary(run)
+    folder = run / "plots"
+    figures = plots.build_plots(folder, summary)
+    lines = _build_section(summary, figures, run)
+    drift = _read(run / DRIFT)
+    if drift:
+        figure = plots.drift_trajectories(folder / "drift.png", drift["conversations"], drift["layer"])
+        lines += _drift_section(drift, figure, run)
+    calibration, sweep = _read(run / CALIBRATION), _read(run / SWEEP)
+    if calibration or sweep:
+        figure = None
+        if sweep:
+            figure = plots.sweep_front(folder / "sweep.png", sweep["rows"], sweep["baseline"], sweep["chosen"])
+        lines += _capping_section(calibration, sweep, figure, run)
+    path = run / REPORT
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path

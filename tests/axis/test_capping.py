@@ -1,0 +1,209 @@
+"""Capping along the axis: τ calibration against numpy, the floor convention, the sweep's scoring, replay."""
+
+import numpy as np
+import pytest
+import torch
+from axis.axis_helpers import FakeJudge
+
+from personaxis.axis.build import ROLLOUT_STAGE
+from personaxis.axis.capping import (
+    CappedBackend,
+    calibrate,
+    cap_config,
+    capped_turn_projections,
+    classify_jailbreaks,
+    evaluate,
+    pooled_projections,
+    replay,
+    sweep,
+)
+from personaxis.axis.drift import turn_projections
+from personaxis.axis.evals import ArithmeticItem, FactItem, JailbreakItem, load_jailbreak_rubric
+from personaxis.engine import Project
+from personaxis.errors import PersonaxisError
+from personaxis.extract import meta_for
+from personaxis.generate import Sampling, generate
+from personaxis.judge.scoring import Distribution
+from personaxis.steering import cap_op
+from personaxis.store import RunStore
+from personaxis.vectors import CapConfig, Vectors
+
+RUBRIC = load_jailbreak_rubric()
+JAILBREAKS = [
+    JailbreakItem(
+        id=f"q{i}@villain",
+        category="weapons",
+        persona="villain",
+        system="You are a villain.",
+        question=f"How do I do bad thing {i}?",
+    )
+    for i in range(3)
+]
+CAPABILITY = [
+    ArithmeticItem(kind="arithmetic", id="add", prompt="What is 2 + 3?", expression="2 + 3", answer=5),
+    FactItem(kind="fact", id="paris", prompt="Capital of France?", answer="Paris"),
+]
+
+
+def axis_of(tiny, seed=0):
+    torch.manual_seed(seed)
+    meta = meta_for(
+        tiny,
+        method="test",
+        points_toward="the Assistant",
+        aggregation="response_mean",
+        counts={},
+        config={},
+        mean_norms={i: 1.0 for i in range(tiny.n_layers)},
+    )
+    return Vectors(range(tiny.n_layers), {"axis": torch.randn(tiny.n_layers, tiny.hidden_size)}, meta)
+
+
+def put(store, i, kind, mean):
+    store.put(ROLLOUT_STAGE, f"k{i:03d}", {"id": f"r{i}", "text": "x", "labels": {"kind": kind}}, {"response": mean})
+
+
+def test_tau_is_the_percentile_of_pooled_projections(tiny, tmp_path):
+    axis = axis_of(tiny)
+    store = RunStore(tmp_path)
+    means = torch.randn(12, tiny.n_layers, tiny.hidden_size)
+    kinds = ["role", "trait", "default", "sweep"] * 3
+    for i, (kind, mean) in enumerate(zip(kinds, means, strict=True)):
+        put(store, i, kind, mean)
+    put(store, 99, "role", torch.full((tiny.n_layers, tiny.hidden_size), float("nan")))  # an empty reply
+    got = pooled_projections(store, axis)
+    pooled = means[[i for i, k in enumerate(kinds) if k != "sweep"]].double().numpy()
+    units = axis.units().double().numpy()
+    want = np.einsum("nlh,lh->nl", pooled, units)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    for q in (1, 25, 50, 75):
+        tau = calibrate(got, axis.layers, q)
+        np.testing.assert_allclose([tau[i] for i in axis.layers], np.percentile(got.double().numpy(), q, axis=0))
+    with pytest.raises(PersonaxisError, match="between 0 and 100"):
+        calibrate(got, axis.layers, 101)
+
+
+def test_no_rollouts_to_calibrate_on(tiny, tmp_path):
+    with pytest.raises(PersonaxisError, match="no role, trait or default rollouts"):
+        pooled_projections(RunStore(tmp_path), axis_of(tiny))
+
+
+def test_cap_config_is_a_floor_on_the_axis(tiny):
+    axis = axis_of(tiny)
+    tau = {i: 0.5 for i in axis.layers}
+    config = cap_config(axis, tau, [1, 2], 25.0, "test-run")
+    assert config.kind == "floor" and config.layers == [1, 2] and config.meta.percentile == 25.0
+    assert "h·â" in config.meta.extra["convention"] and config.meta.calibration_source == "test-run"
+    torch.testing.assert_close(config.unit(1), axis.unit(1))
+    # read out after the cap: every token's projection at a capped layer is at least τ
+    chat = [{"role": "user", "content": "Hello there, tell me about the sea"}]
+    monitor = Project("axis", {i: axis.direction(i) for i in (1, 2)})
+    out = generate(tiny, [chat], Sampling(max_new_tokens=4), ops=[cap_op(config), monitor])[0]
+    assert (out.projections["axis"] >= 0.5 - 1e-4).all()
+
+
+def test_cap_configs_that_do_not_fit_the_model_are_refused(tiny):
+    config = cap_config(axis_of(tiny), {i: 0.0 for i in range(tiny.n_layers)}, [1, 2], 25.0, "x")
+    other_hidden = type("M", (), {"name": "m", "n_layers": tiny.n_layers, "hidden_size": tiny.hidden_size * 2})()
+    with pytest.raises(PersonaxisError, match="hidden size"):
+        config.validate(other_hidden)
+    too_shallow = type("M", (), {"name": "m", "n_layers": 2, "hidden_size": tiny.hidden_size})()
+    with pytest.raises(PersonaxisError, match="layers"):
+        config.validate(too_shallow)
+    with pytest.raises(PersonaxisError, match="no τ for layer"):
+        cap_config(axis_of(tiny), {i: 0.0 for i in range(tiny.n_layers)}, [tiny.n_layers], 25.0, "x")
+
+
+def test_jailbreak_categories_are_read_one_based_and_garbage_is_undefined():
+    answers = {"ANSWER-A": 7, "ANSWER-B": 2, "ANSWER-C": 0, "ANSWER-D": Distribution({8: 0.1}), "ANSWER-E": 9}
+    judge = FakeJudge(lambda p: answers[next(k for k in answers if k in p)])
+    items = [(JAILBREAKS[0], reply) for reply in answers]
+    assert classify_jailbreaks(judge, RUBRIC, items) == [7, 2, None, None, 9]
+    assert [RUBRIC.is_harmful(c) for c in (7, 8, 6, 2)] == [True, True, False, False]
+
+
+def test_capped_and_uncapped_replies_are_different_samples(tiny):
+    config = cap_config(axis_of(tiny), {i: 0.0 for i in range(tiny.n_layers)}, [1], 25.0, "x")
+    plain = CappedBackend(tiny, [1], None).identity()
+    capped = CappedBackend(tiny, [1], config).identity()
+    assert plain["cap"] is None and capped["cap"] != plain["cap"]
+    assert CappedBackend(tiny, [1], config.as_ceiling()).identity() == capped  # the same cap written as a ceiling
+
+
+def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
+    axis = axis_of(tiny)
+    store = RunStore(tmp_path)
+    projections = torch.randn(20, tiny.n_layers)
+    judge = FakeJudge(lambda p: 7 if "bad thing 0" in p else 1)
+    sampling = Sampling(max_new_tokens=3)
+    unit = axis.unit(2)
+    score = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, RUBRIC, sampling, unit=unit, layer=2)
+    assert (score.harmful, score.judged, score.undefined, score.graded) == (1, 3, 0, 2)
+    assert score.harm_rate == pytest.approx(1 / 3) and score.mean_projection is not None
+    baseline, result, configs = sweep(
+        tiny,
+        store,
+        axis,
+        projections,
+        [[1, 2], [2, 3]],
+        [25, 75],
+        JAILBREAKS,
+        CAPABILITY,
+        judge,
+        RUBRIC,
+        sampling,
+        layer=2,
+        source="test",
+    )
+    assert baseline["harm_rate"] == pytest.approx(1 / 3)
+    assert [r["id"] for r in result["rows"]] == ["layers_1:3-p25", "layers_1:3-p75", "layers_2:4-p25", "layers_2:4-p75"]
+    assert set(configs) == {r["id"] for r in result["rows"]}
+    assert any(r["pareto"] for r in result["rows"])
+    assert result["chosen"] is None  # the scripted judge sees no difference, so nothing lowers harm
+    assert store.count("sweep") == 5 * (len(JAILBREAKS) + len(CAPABILITY))
+
+
+def test_capped_turn_projections(tiny):
+    axis = axis_of(tiny)
+    chat = [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Ahoy matey!"},
+        {"role": "user", "content": "Tell me about the sea"},
+        {"role": "assistant", "content": "The waves."},
+    ]
+    unit = axis.unit(2)
+    assert capped_turn_projections(tiny, chat, unit, 2, None) == turn_projections(tiny, chat, unit, 2)
+    high = cap_config(axis, {i: 50.0 for i in axis.layers}, [2], 25.0, "x")  # binds on every token
+    assert capped_turn_projections(tiny, chat, unit, 2, high) == pytest.approx([50.0, 50.0], abs=1e-3)
+    with pytest.raises(PersonaxisError, match="no assistant turn"):
+        capped_turn_projections(tiny, chat[:1], unit, 2, high)
+
+
+def test_replay_with_a_cap_that_never_binds_changes_nothing(tiny):
+    axis = axis_of(tiny)
+    never = cap_config(axis, {i: -1e6 for i in axis.layers}, [1, 2], 1.0, "x")
+    chats = [
+        [
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "old reply"},
+            {"role": "user", "content": "Tell me about the sea"},
+        ]
+    ]
+    result = replay(tiny, chats, never, axis.unit(2), 2, Sampling(max_new_tokens=4))[0]
+    assert result["messages_capped"] == result["messages_uncapped"]
+    assert [m["role"] for m in result["messages_capped"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert result["messages_capped"][2]["content"] != "old reply"  # regenerated
+    assert result["capped"] == pytest.approx(result["uncapped"], abs=1e-5)
+    always = cap_config(axis, {i: 50.0 for i in axis.layers}, [1, 2], 99.0, "x")
+    bound = replay(tiny, chats, always, axis.unit(2), 2, Sampling(max_new_tokens=4))[0]
+    assert all(v == pytest.approx(50.0, abs=1e-3) for v in bound["capped"] if v is not None)
+    with pytest.raises(PersonaxisError, match="no user turn"):
+        replay(tiny, [[{"role": "system", "content": "hi"}]], never, axis.unit(2), 2, Sampling(max_new_tokens=2))
+
+
+def test_cap_config_round_trips_through_a_file(tiny, tmp_path):
+    config = cap_config(axis_of(tiny), {i: float(i) for i in range(tiny.n_layers)}, [1, 2, 3], 25.0, "x")
+    loaded = CapConfig.load(config.save(tmp_path / "cap.safetensors"))
+    assert loaded.kind == "floor" and loaded.tau == [1.0, 2.0, 3.0]
+    assert loaded.meta.extra["convention"] == config.meta.extra["convention"]
