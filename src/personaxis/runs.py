@@ -100,9 +100,12 @@ class LocalBackend:
 
 
 def rollout_key(backend_identity: dict[str, Any], rollout: Rollout) -> str:
+    """The sample's id is part of its identity: two samples with the same chat and seed stay two records, each
+    carrying its own id and labels."""
     return key(
         stage="rollout",
         version=ROLLOUT_VERSION,
+        id=rollout.id,
         backend=backend_identity,
         messages=rollout.messages,
         sampling=asdict(rollout.sampling),
@@ -198,12 +201,19 @@ def run_captures(
 
 
 def _read(store: RunStore, stage: str, keys: dict[str, str]) -> dict[str, Record]:
-    out = {}
+    """All records of the stage; if a backend gave up on some samples (e.g. failed requests), one clear error."""
+    out, missing = {}, []
     for sample_id, k in keys.items():
         record = store.get(stage, k)
         if record is None:
-            raise PersonaxisError(f"{stage}: the record of {sample_id} is missing after the stage ran")
-        out[sample_id] = record
+            missing.append(sample_id)
+        else:
+            out[sample_id] = record
+    if missing:
+        raise PersonaxisError(
+            f"{stage}: {len(missing)} of {len(keys)} samples got no result (first: {missing[0]}); the other results"
+            " are stored: run again to retry the missing ones"
+        )
     return out
 
 
