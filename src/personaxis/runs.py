@@ -21,6 +21,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from personaxis.capture import AGGREGATIONS, iter_means
+from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
 from personaxis.generate import CAPTURES, Sampling, generate_batch, prompt_ids
 from personaxis.model.loading import ChatModel
@@ -65,12 +66,22 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Generation and capture in one pass on a local model, batched by prompt length."""
+    """Generation and capture in one pass on a local model, batched by prompt length.
+
+    `ops` (steering, capping) apply to every rollout; subclasses that pass them say in `identity` what they are, so
+    that steered and unsteered samples never share a key.
+    """
 
     def __init__(
-        self, model: ChatModel, layers: Sequence[int], captures: Sequence[str] = ("response",), batch_size: int = 8
+        self,
+        model: ChatModel,
+        layers: Sequence[int],
+        captures: Sequence[str] = ("response",),
+        batch_size: int = 8,
+        ops: Sequence[Op] = (),
     ) -> None:
         self.model, self.layers, self.captures, self.batch_size = model, list(layers), tuple(captures), batch_size
+        self.ops = list(ops)
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -90,7 +101,8 @@ class LocalBackend:
                 self.model,
                 [prompts[i] for i in chunk],
                 [rollouts[i].sampling for i in chunk],
-                capture_layers=self.layers,
+                ops=self.ops,
+                capture_layers=self.layers or None,
                 captures=self.captures,
             )
             yield [

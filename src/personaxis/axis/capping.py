@@ -13,7 +13,7 @@ above) and on the exact-answer capability set, and keeps the Pareto front of (ha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, RolloutResult, run_rollouts
+from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.steering import cap_op
 from personaxis.store import RunStore, key
 from personaxis.vectors import CapConfig, Vectors
@@ -123,7 +123,7 @@ class CappedBackend(LocalBackend):
     same prompt are different samples in the store."""
 
     def __init__(self, model: ChatModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8) -> None:
-        super().__init__(model, layers, captures=("response",), batch_size=batch_size)
+        super().__init__(model, layers, ("response",), batch_size, ops=[cap_op(cap)] if cap is not None else [])
         self.cap = cap
 
     def identity(self) -> dict[str, Any]:
@@ -132,27 +132,6 @@ class CappedBackend(LocalBackend):
             floor = self.cap.as_floor()
             cap = key(layers=floor.layers, tau=floor.tau, directions=floor.directions.flatten().tolist())
         return {**super().identity(), "cap": cap}
-
-    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
-        from personaxis.generate import generate_batch, prompt_ids
-
-        ops = [cap_op(self.cap)] if self.cap is not None else []
-        prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
-        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            outs = generate_batch(
-                self.model,
-                [prompts[i] for i in chunk],
-                [rollouts[i].sampling for i in chunk],
-                ops=ops,
-                capture_layers=self.layers,
-                captures=self.captures,
-            )
-            yield [
-                RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
-                for i, o in zip(chunk, outs, strict=True)
-            ]
 
 
 def classify_jailbreaks(

@@ -14,9 +14,8 @@ from typing import Any
 from personaxis.engine import Add, Op
 from personaxis.engine.ops import When
 from personaxis.errors import PersonaxisError
-from personaxis.generate import generate_batch, prompt_ids
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, RolloutResult
+from personaxis.runs import LocalBackend
 from personaxis.steering import Units, steer_op, steering
 from personaxis.vectors import Vectors
 
@@ -88,26 +87,8 @@ class SteeredBackend(LocalBackend):
         captures: Sequence[str] = ("response",),
         batch_size: int = 8,
     ) -> None:
-        super().__init__(model, layers, captures, batch_size)
-        self.ops, self.steer = list(ops), steer
+        super().__init__(model, layers, captures, batch_size, ops=ops)
+        self.steer = steer
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "steer": self.steer}
-
-    def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
-        prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
-        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            outs = generate_batch(
-                self.model,
-                [prompts[i] for i in chunk],
-                [rollouts[i].sampling for i in chunk],
-                ops=self.ops,
-                capture_layers=self.layers or None,
-                captures=self.captures,
-            )
-            yield [
-                RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
-                for i, o in zip(chunk, outs, strict=True)
-            ]
