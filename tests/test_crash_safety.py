@@ -287,25 +287,28 @@ def redone(run_dir: Path) -> dict[str, dict[str, int]]:
     return report
 
 
-def seconds_per_sample(run_dir: Path) -> float:
-    times = [json.loads(line)["t"] for line in (run_dir / "computed.log").read_text().splitlines() if '"stage"' in line]
-    return (times[-1] - times[0]) / max(1, len(times) - 1)
+def pace(run_dir: Path) -> list[float]:
+    """From an uninterrupted run: seconds from record k (0: the first) to the next one, and from the last record to
+    the last artifact written."""
+    lines = (run_dir / "computed.log").read_text().splitlines()
+    times = [json.loads(line)["t"] for line in lines if '"stage"' in line]
+    end = max(p.stat().st_mtime for p in run_dir.rglob("*.safetensors"))
+    return [b - a for a, b in zip(times, times[1:], strict=False)] + [max(0.1, end - times[-1])]
 
 
 def crash_and_resume(job: Job, workdir: Path, kills: int, seed: int, clean: Path) -> dict:
     """Kill a run `kills` times at random points, resume it to the end, and compare it with the `clean` run.
 
-    Kill points: distinct record counts drawn from 0..total (0: at a random time in start-up; total: after the last
-    record, in the artifact stage), each followed by a random delay of up to two samples' time, so that kills land
-    inside generation, between a result and its write, and inside a write as well as just after one.
+    Kill points: distinct record counts k drawn from 0..total; the kill comes at a random moment after the k-th record
+    is stored and before the next one would be (as paced in the clean run), so kills land inside generation, capture,
+    a write, or the artifact stage after the last record. k = 0: at a random time in start-up.
     """
     rng = random.Random(seed)
-    total = stored(clean)
-    step = seconds_per_sample(clean)
+    total, gaps = stored(clean), pace(clean)
     counts = range(total + 1)
     targets = sorted(rng.sample(counts, kills) if kills <= len(counts) else rng.choices(counts, k=kills))
     run_dir = workdir / "crashed"
-    points = [kill_at(job, run_dir, t, rng.uniform(0, 2 * step), rng.uniform(0.5, 6.0), total) for t in targets]
+    points = [kill_at(job, run_dir, t, rng.uniform(0, gaps[t - 1]), rng.uniform(0.5, 6.0), total) for t in targets]
     finish(start(job, run_dir), run_dir)
     leftovers = sorted(p.name for p in run_dir.rglob(".*.tmp"))
     return {"total_records": total, "kills": points, "max_abs_diff": same_artifacts(run_dir, clean),

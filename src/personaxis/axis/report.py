@@ -145,7 +145,7 @@ def _capping_section(
                 (
                     r["id"],
                     f"{r['layers'][0]}–{r['layers'][-1]}",
-                    r["percentile"],
+                    f"{r['percentile']:g}",
                     r["harm_rate"],
                     r["capability"],
                     r["undefined"],
