@@ -17,6 +17,7 @@ import operator
 import re
 import string
 import unicodedata
+from abc import abstractmethod
 from collections.abc import Iterable
 from fractions import Fraction
 from functools import lru_cache
@@ -285,8 +286,8 @@ class FactItem(_Model):
 
 
 class _Rule(_Model):
-    def check(self, reply: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def check(self, reply: str) -> bool: ...
 
 
 def _words(text: str) -> list[str]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +79,7 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     try:
         with torch.serialization.safe_globals(_numpy_data_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # a torch.load of a foreign file can fail in many ways; all are the user's file
         if "weights only load failed" not in str(e).lower():
             raise PersonaxisError(f"{path} is not a readable torch file: {one_line(e)}") from None
         culprit = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
@@ -89,8 +88,6 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
             f"refusing to load {path}: it is a pickle that executes code or builds objects beyond tensors and plain "
             f"data{needs}; re-save its tensors with torch.save or safetensors where you trust it"
         ) from None
-    except Exception as e:  # a torch.load of a foreign file can fail in many ways; all are the user's file
-        raise PersonaxisError(f"{path} is not a readable torch file: {one_line(e)}") from None
 
 
 def _sha256(path: Path) -> str:
