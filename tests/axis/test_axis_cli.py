@@ -28,100 +28,75 @@ def folder(tmp_path_factory):
     return path
 
 
+class _NoCapture:
+    """Stands in for capsys in a module-scoped fixture (output then goes to pytest's own capture)."""
+
+    def readouterr(self):
+        return type("Out", (), {"out": "", "err": ""})()
+
+
+def cli(monkeypatch, capsys, command: str, **paths):
+    """Run `personaxis COMMAND`, the command written as on a shell with {name} for the paths given."""
+    return run_cli(monkeypatch, capsys, *command.format(**paths).split())
+
+
 @pytest.fixture(scope="module")
 def run(folder, tmp_path_factory):
     """An unjudged build (a tiny random model cannot judge), shared by the commands that read a build."""
     path = tmp_path_factory.mktemp("axis-run")
-    mp = pytest.MonkeyPatch()
-    capsys = _Capture()
-    code, out, err = run_cli(
-        mp,
-        capsys,
-        "axis",
-        "build",
-        "-m",
-        folder,
-        "--roles",
-        "3",
-        "--questions",
-        "2",
-        "--max-tokens",
-        "3",
-        "--judge",
-        "none",
-        "--min-count",
-        "1",
-        "--traits",
-        "1",
-        "--run",
-        path,
-        "--dtype",
-        "float32",
-    )
-    mp.undo()
+    with pytest.MonkeyPatch.context() as mp:
+        code, _, err = cli(
+            mp,
+            _NoCapture(),
+            "axis build -m {m} --roles 3 --questions 2 --max-tokens 3 --judge none "
+            "--min-count 1 --traits 1 --run {run} --dtype float32",
+            m=folder,
+            run=path,
+        )
     assert code == 0, err
     return path
-
-
-class _Capture:
-    """capsys for a module-scoped fixture: the CLI's rich consoles write to sys.stdout/stderr at call time."""
-
-    def readouterr(self):
-        return type("Out", (), {"out": "", "err": ""})()
 
 
 def test_build_writes_artifacts(run):
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["roles"]["kept"]) == 3 and "unjudged" in summary["judge"]["mode"]
     assert Vectors.load(run / "artifacts" / "axis.safetensors").names == ["axis"]
+    assert {"points", "axis_x", "layer"} <= set(json.loads((run / "space.json").read_text()))
 
 
 def test_report(monkeypatch, capsys, run):
-    code, out, err = run_cli(monkeypatch, capsys, "axis", "report", run)
+    code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
     text = (run / "report.md").read_text()
     assert "## Persona space" in text and "plots/pca_scatter.png" in text
 
 
 def test_drift(monkeypatch, capsys, folder, run):
-    code, out, err = run_cli(
+    axis = run / "artifacts" / "axis.safetensors"
+    code, out, err = cli(
         monkeypatch,
         capsys,
-        "drift",
-        "-m",
-        folder,
-        "--axis",
-        run / "artifacts" / "axis.safetensors",
-        "--per-domain",
-        "1",
-        "--max-tokens",
-        "2",
-        "--dtype",
-        "float32",
+        "drift -m {m} --axis {axis} --per-domain 1 --max-turns 2 --max-tokens 2 --dtype float32",
+        m=folder,
+        axis=axis,
     )
     assert code == 0, err
     drift = json.loads((run / "drift.json").read_text())
     assert {c["domain"] for c in drift["conversations"]} == {"coding", "writing", "therapy", "philosophy"}
+    assert all(len(c["projections"]) == 2 for c in drift["conversations"])
     assert "welch_p" in drift["stats"]["per_conversation"] and (run / "plots" / "drift.png").is_file()
+    assert "Welch p=" in out
 
 
 def test_calibrate_then_replay_then_steer(monkeypatch, capsys, folder, run, tmp_path):
     axis = run / "artifacts" / "axis.safetensors"
-    code, out, err = run_cli(
+    code, _, err = cli(
         monkeypatch,
         capsys,
-        "cap",
-        "calibrate",
-        "-m",
-        folder,
-        "--axis",
-        axis,
-        "--run",
-        run,
-        "--percentile",
-        "50",
-        "--layers",
-        "2:4",
+        "cap calibrate -m {m} --axis {axis} --run {run} --percentile 50 --layers 2:4",
+        m=folder,
+        axis=axis,
+        run=run,
     )
     assert code == 0, err
     config = CapConfig.load(run / "artifacts" / "cap.safetensors")
@@ -129,88 +104,40 @@ def test_calibrate_then_replay_then_steer(monkeypatch, capsys, folder, run, tmp_
     calibration = json.loads((run / "calibration.json").read_text())
     assert set(calibration["tau"]) == {"1", "25", "50", "75"}
     chats = tmp_path / "chat.jsonl"
-    chats.write_text(
-        json.dumps(
-            {
-                "messages": [
-                    {"role": "user", "content": "Hello there"},
-                    {"role": "assistant", "content": "Hi"},
-                    {"role": "user", "content": "Tell me about the sea"},
-                ]
-            }
-        )
-        + "\n"
-    )
-    code, out, err = run_cli(
+    turns = [("user", "Hello there"), ("assistant", "Hi"), ("user", "Tell me about the sea")]
+    chats.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
+    code, _, err = cli(
         monkeypatch,
         capsys,
-        "cap",
-        "replay",
-        chats,
-        "-m",
-        folder,
-        "--config",
-        run / "artifacts" / "cap.safetensors",
-        "--axis",
-        axis,
-        "--max-tokens",
-        "3",
-        "--dtype",
-        "float32",
+        "cap replay {chats} -m {m} --config {cap} --axis {axis} --max-tokens 3 --dtype float32",
+        chats=chats,
+        m=folder,
+        cap=run / "artifacts" / "cap.safetensors",
+        axis=axis,
     )
     assert code == 0, err
     replayed = json.loads((tmp_path / "chat.replay.json").read_text())
-    assert len(replayed["chats"][0]["capped"]) == 2
-    code, out, err = run_cli(
+    assert len(replayed["chats"][0]["capped"]) == 2 and (tmp_path / "chat.replay.png").is_file()
+    code, _, err = cli(
         monkeypatch,
         capsys,
-        "axis",
-        "steer",
-        "-m",
-        folder,
-        "--axis",
-        axis,
-        "--coef",
-        "-2",
-        "--prompt",
-        "Hello there",
-        "--baseline",
-        "--max-tokens",
-        "3",
-        "--dtype",
-        "float32",
+        "axis steer -m {m} --axis {axis} --coef -2 --prompt Hello --baseline --max-tokens 3 --dtype float32",
+        m=folder,
+        axis=axis,
     )
     assert code == 0, err
     assert "unsteered" in err and "coef -2" in err
 
 
 def test_sweep_small(monkeypatch, capsys, folder, run):
-    axis = run / "artifacts" / "axis.safetensors"
-    code, out, err = run_cli(
+    code, out, err = cli(
         monkeypatch,
         capsys,
-        "cap",
-        "sweep",
-        "-m",
-        folder,
-        "--axis",
-        axis,
-        "--run",
-        run,
-        "--windows",
-        "2",
-        "--positions",
-        "1",
-        "--percentiles",
-        "25",
-        "--jailbreaks",
-        "2",
-        "--capability",
-        "2",
-        "--max-tokens",
-        "2",
-        "--dtype",
-        "float32",
+        "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
+        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32",
+        m=folder,
+        axis=run / "artifacts" / "axis.safetensors",
+        run=run,
     )
     assert code == 0, err
     sweep = json.loads((run / "sweep.json").read_text())
@@ -218,50 +145,57 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert "Pareto front" in out
 
 
-def bad(monkeypatch, capsys, *args):
-    code, out, err = run_cli(monkeypatch, capsys, *args)
+def bad(monkeypatch, capsys, command, **paths):
+    code, out, err = cli(monkeypatch, capsys, command, **paths)
     assert code == 2, (out, err)
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     return err
 
 
 def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_path):
-    axis = run / "artifacts" / "axis.safetensors"
+    paths = dict(m=folder, axis=run / "artifacts" / "axis.safetensors", run=run, tmp=tmp_path)
     assert "between 0 and 100" in bad(
-        monkeypatch, capsys, "cap", "calibrate", "-m", folder, "--axis", axis, "--run", run, "--percentile", "101"
+        monkeypatch, capsys, "cap calibrate -m {m} --axis {axis} --run {run} --percentile 101", **paths
     )
     assert "between 0 and 100" in bad(
-        monkeypatch, capsys, "cap", "sweep", "-m", folder, "--axis", axis, "--run", run, "--percentiles", "25,-3"
+        monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --percentiles 25,-3", **paths
     )
-    assert "unknown domain" in bad(monkeypatch, capsys, "drift", "-m", folder, "--axis", axis, "--domain", "cooking")
+    assert "unknown domain" in bad(monkeypatch, capsys, "drift -m {m} --axis {axis} --domain cooking", **paths)
+    assert "--max-turns must be at least 1" in bad(
+        monkeypatch, capsys, "drift -m {m} --axis {axis} --max-turns 0", **paths
+    )
     assert "needs a judge" in bad(
-        monkeypatch, capsys, "cap", "sweep", "-m", folder, "--axis", axis, "--run", run, "--judge", "none"
-    )
-    roles = tmp_path / "roles.json"
-    broken = [r.model_dump(mode="json") for r in load_roles()[:2]]
-    del broken[1]["prompts"]
-    roles.write_text(json.dumps(broken))
-    message = bad(monkeypatch, capsys, "axis", "build", "-m", folder, "--roles-file", roles, "--run", tmp_path / "r")
-    assert "is missing field 'prompts'" in message
-    assert "--roles must be" in bad(monkeypatch, capsys, "axis", "build", "-m", folder, "--roles", "many")
-    # a cap config made for another hidden size
-    other = tmp_path / "other.safetensors"
-    cap = tmp_path / "cap.safetensors"
-    code, _, err = run_cli(
-        monkeypatch, capsys, "cap", "calibrate", "-m", folder, "--axis", axis, "--run", run, "--out", cap
-    )
-    assert code == 0, err
-    config = CapConfig.load(cap)
-    config.meta.hidden_size = 32
-    CapConfig(config.layers, config.directions[:, :32], config.tau, "floor", config.meta).save(other)
-    chats = tmp_path / "chat.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello there"}]}) + "\n")
-    assert "hidden size" in bad(monkeypatch, capsys, "cap", "replay", chats, "-m", folder, "--config", other)
-    no_user = tmp_path / "system_only.jsonl"
-    no_user.write_text(json.dumps({"messages": [{"role": "system", "content": "You are a pirate."}]}) + "\n")
-    assert "no user turn" in bad(
-        monkeypatch, capsys, "cap", "replay", no_user, "-m", folder, "--config", cap, "--dtype", "float32"
+        monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --judge none", **paths
     )
     assert "was built for" in bad(
-        monkeypatch, capsys, "cap", "calibrate", "-m", "another-model", "--axis", axis, "--run", run
+        monkeypatch, capsys, "cap calibrate -m another-model --axis {axis} --run {run}", **paths
+    )
+    assert "--roles must be" in bad(monkeypatch, capsys, "axis build -m {m} --roles many", **paths)
+
+    broken = [r.model_dump(mode="json") for r in load_roles()[:2]]
+    del broken[1]["prompts"]
+    (tmp_path / "roles.json").write_text(json.dumps(broken))
+    message = bad(monkeypatch, capsys, "axis build -m {m} --roles-file {tmp}/roles.json --run {tmp}/r", **paths)
+    assert "is missing field 'prompts'" in message
+
+    # a cap config made for another hidden size
+    code, _, err = cli(
+        monkeypatch, capsys, "cap calibrate -m {m} --axis {axis} --run {run} --out {tmp}/cap.safetensors", **paths
+    )
+    assert code == 0, err
+    config = CapConfig.load(tmp_path / "cap.safetensors")
+    config.meta.hidden_size = 32
+    CapConfig(config.layers, config.directions[:, :32], config.tau, "floor", config.meta).save(
+        tmp_path / "o.safetensors"
+    )
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hello there"}]}) + "\n")
+    assert "hidden size" in bad(
+        monkeypatch, capsys, "cap replay {tmp}/chat.jsonl -m {m} --config {tmp}/o.safetensors", **paths
+    )
+    (tmp_path / "system.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "Be a pirate."}]}))
+    assert "no user turn" in bad(
+        monkeypatch,
+        capsys,
+        "cap replay {tmp}/system.jsonl -m {m} --config {tmp}/cap.safetensors --dtype float32",
+        **paths,
     )
