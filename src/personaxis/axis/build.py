@@ -181,7 +181,6 @@ def judge_roles(
     items: Sequence[tuple[str, Role, str, str]],
     *,
     retries: int = 1,
-    on_progress: Callable[[int], None] | None = None,
 ) -> Judgement:
     """Score role adoption 0..max for (rollout id, role, question, reply) items, asking for labels "0".."max".
 
@@ -191,9 +190,9 @@ def judge_roles(
     labels = [str(i) for i in range(rubric.max_score + 1)]
     prompts = {rid: rubric.render(role, question, reply) for rid, role, question, reply in items}
     scores: dict[str, int | None] = {}
-    undefined = failed = 0
+    undefined = 0
     todo = list(prompts)
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         again = []
         for start in range(0, len(todo), JUDGE_CHUNK):
             chunk = todo[start : start + JUDGE_CHUNK]
@@ -204,13 +203,10 @@ def judge_roles(
                 else:
                     scores[rid] = None if result.label is None else int(result.label)
                     undefined += result.label is None
-            if on_progress is not None and attempt == 0:
-                on_progress(len(chunk))
         todo = again
         if not todo:
             break
-    failed = len(todo)
-    return Judgement(scores, undefined, failed)
+    return Judgement(scores, undefined, failed=len(todo))
 
 
 # --- analysis -----------------------------------------------------------------------------------------------------
@@ -243,7 +239,7 @@ def analyse(
         if mean is None:
             empty += 1
             if label["kind"] == "role":
-                role_samples.append((label["role"], None, torch.full_like(record.tensors["response"], math.nan)))
+                role_samples.append((label["role"], None, torch.tensor(math.nan)))  # counted, never averaged
             continue
         if label["kind"] == "role":
             score = keep_score if scores is None else scores.get(rid)

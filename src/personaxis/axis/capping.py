@@ -165,7 +165,6 @@ class Score:
     correct: int
     graded: int
     mean_projection: float | None  # mean over jailbreak replies of the response mean on â at the target layer
-    cap_hits: int = 0
 
 
 def evaluate(
