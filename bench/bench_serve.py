@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", help="float32 keeps greedy replies independent of batch shape")
-    parser.add_argument("--n", type=int, default=1000, help="requests in the load run")
+    parser.add_argument("--n", type=int, default=1000, help="requests in the load run (0: skip it)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64, help="reply length in the throughput runs")
     parser.add_argument("--load-tokens", type=int, default=24, help="reply length in the load run")
@@ -181,6 +181,8 @@ def main() -> None:
         print(
             f"scaling: 4 clients {rates[4] / rates[1]:.2f}× · 8 clients {rates[8] / rates[1]:.2f}× of 1 (goal 8 ≥ 4×)"
         )
+        if not args.n:
+            return
         result = asyncio.run(load(url, model, args.n, args.concurrency, args.load_tokens))
         print(f"load: {result['n']} greedy requests, {args.concurrency} concurrent, mixed interventions, "
               f"{args.load_tokens} tokens: {result['errors']} errors, {result['differ']} differ from the same request "

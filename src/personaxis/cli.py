@@ -213,13 +213,25 @@ def serve(
     ] = None,
     window: Annotated[int, typer.Option(help="closed loop: how many recent turns are averaged")] = 2,
     dtype: DtypeOpt = "auto",
+    max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together at most")] = 16,
+    max_queue: Annotated[int, typer.Option(min=0, help="requests waiting at most (more get 429)")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for")] = 1024,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="longest prompt accepted, in tokens")] = 8192,
 ):
     """OpenAI-compatible server with per-request steering and capping, axis telemetry and a dashboard at /."""
+    from personaxis.serve.app import Limits
     from personaxis.serve.run import run_server
 
+    limits = Limits(
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        default_max_tokens=min(Limits.default_max_tokens, max_tokens),
+        max_prompt_tokens=max_prompt_tokens,
+    )
     run_server(
         model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
-        space_path=space, threshold=threshold, window=window, dtype=dtype,
+        space_path=space, threshold=threshold, window=window, dtype=dtype, limits=limits,
     )  # fmt: skip
 
 

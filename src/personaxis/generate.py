@@ -76,7 +76,7 @@ def prompt_ids(model: ChatModel, messages: Sequence[dict[str, str]]) -> list[int
     return model.render(list(messages), add_generation_prompt=True).input_ids.tolist()
 
 
-def _sample_step(
+def sample_next(
     logits: torch.Tensor, settings: Sequence[Sampling], generators: Sequence[torch.Generator | None], active: list[bool]
 ) -> list[int | None]:
     """Next token of every active row, with one device-to-host transfer for the whole batch."""
@@ -100,7 +100,7 @@ def _sample_step(
     return out
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
+def accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
@@ -148,7 +148,7 @@ def generate_batch(
         torch.Generator().manual_seed(s.seed) if s.seed is not None and s.temperature > 0 else None for s in settings
     ]
     stops = stop_token_ids(model)
-    extra = {"logits_to_keep": 1} if _accepts(model.model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finish: list[str] = [""] * batch
     ids, mask = ids.to(device), mask.to(device)
@@ -161,7 +161,7 @@ def generate_batch(
         while True:
             feed = torch.zeros(batch, dtype=torch.long)
             step_ids = torch.full((batch,), pad, dtype=torch.long)
-            sampled = _sample_step(logits, settings, generators, active)
+            sampled = sample_next(logits, settings, generators, active)
             for b in range(batch):
                 token = sampled[b]
                 if token is None:

@@ -200,6 +200,20 @@ def test_prompt_phase_leaves_generated_tokens_alone(tiny):
     assert torch.isnan(out.projections["p"]).all()  # the reply tokens were not in the prompt phase
 
 
+def test_phases_stay_right_when_decoding_resumes_under_a_new_apply(tiny):
+    """A caller that reopens the engine mid-decode passes each row's last prompt column; phases then stay exact."""
+    prompt = torch.tensor([prompts_for(tiny.tokenizer, 1)[0]])
+    n, v = prompt.shape[1], {2: torch.randn(H)}
+    ops = [Project("prompt", v, when="prompt"), Project("response", v, when="response")]
+    with torch.inference_mode():
+        cache = tiny.model(input_ids=prompt, use_cache=True).past_key_values
+        step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
+        with tiny.engine.apply(ops, last_prompt=[n - 1]) as resumed:
+            tiny.model(**step, position_ids=torch.tensor([[n]]), past_key_values=cache, use_cache=True)
+    assert torch.isnan(resumed.projections("prompt")[0, n]).all()  # the decoded token is no prompt token
+    assert not torch.isnan(resumed.projections("response")[0, n]).any()
+
+
 def test_padding_never_changes_a_row(tiny):
     prompts = prompts_for(tiny.tokenizer)
     ops = [Add({1: torch.randn(H)}), Project("p", {2: torch.randn(H)})]

@@ -123,7 +123,12 @@ class Engine:
         self._active = False
 
     @contextmanager
-    def apply(self, ops: Sequence[Op]) -> Iterator[Trace]:
+    def apply(self, ops: Sequence[Op], *, last_prompt: Sequence[int] | None = None) -> Iterator[Trace]:
+        """Attach the ops for the duration of the block.
+
+        `last_prompt` (the absolute column of each row's last prompt token) is for a caller that resumes decoding a
+        cache under a new `apply`: without it the first forward of the block is taken to end the prompt.
+        """
         trace = Trace()
         ops = list(ops)
         if not ops:
@@ -140,7 +145,7 @@ class Engine:
                 trace._records[op.name] = _RecordState(op)
             if isinstance(op, Project):
                 trace._projections.setdefault(op.name, {})
-        state: dict[str, Any] = {"step": None, "copies": {}}
+        state: dict[str, Any] = {"step": None, "copies": {}, "last_prompt": last_prompt}
         records = [op for op in ops if isinstance(op, Record)]
         handles = [self.model.base.register_forward_pre_hook(self._pre_hook(state, trace, records), with_kwargs=True)]
         for layer, layer_ops in sorted(by_layer.items()):
@@ -194,7 +199,9 @@ class Engine:
                 valid = torch.ones(batch, width, dtype=torch.bool, device=device)
             columns = torch.arange(start, start + width, device=device)
             previous = state["step"]
-            if start == 0 or previous is None:
+            if previous is None and state["last_prompt"] is not None:
+                last = torch.as_tensor(state["last_prompt"], dtype=torch.long).to(device)
+            elif start == 0 or previous is None:
                 last = torch.where(valid, columns, torch.full_like(columns, -1)).max(dim=1).values
             else:
                 last = previous.last_prompt

@@ -1,8 +1,10 @@
 """One thread owns the model; requests queue and are decoded together.
 
-Dynamic batching: when the worker starts a batch it takes every request that is waiting (up to `max_batch`), each
-with its own interventions as per-row engine ops, so one request's steering never touches another's tokens. Results
-travel back to the event loop through `call_soon_threadsafe`, token by token.
+Continuous batching: between two decode steps the worker lets every waiting request (up to `max_batch` rows in all)
+join the running batch and drops the finished ones (`serve.batcher`). Each request carries its interventions as
+per-row engine ops, so one request's steering never touches another's tokens. For models whose KV cache cannot be
+spliced (sliding-window or recurrent layers) a batch takes whatever is waiting when it starts and runs to its end.
+Results travel back to the event loop through `call_soon_threadsafe`, token by token.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
+from personaxis.serve.batcher import Row, RunningBatch, spliceable
 from personaxis.serve.plan import Plan, Registry
 
 
@@ -62,6 +67,15 @@ class Worker:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="personaxis-worker", daemon=True)
+        self.continuous = self._can_splice()
+
+    def _can_splice(self) -> bool:
+        """Whether this model's KV cache can take rows joining and leaving (probed with a one-token forward)."""
+        token = self.model.tokenizer.bos_token_id
+        token = token if token is not None else self.model.tokenizer.pad_token_id
+        with torch.inference_mode():
+            out = self.model.model(input_ids=torch.tensor([[token or 0]], device=self.model.device), use_cache=True)
+        return spliceable(out.past_key_values)
 
     def start(self) -> None:
         self._thread.start()
@@ -83,23 +97,52 @@ class Worker:
             self._queue.append(job)
             self._cond.notify()
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, room: int, block: bool) -> list[Job] | None:
+        """Up to `room` waiting requests (waiting for one if `block`); None once the worker is stopped."""
         with self._cond:
-            while not self._queue and not self._stopped:
+            while block and not self._queue and not self._stopped:
                 self._cond.wait()
             if self._stopped:
                 return None
             jobs: list[Job] = []
-            while self._queue and len(jobs) < self.max_batch:
+            while self._queue and len(jobs) < room:
                 job = self._queue.popleft()
                 if not job.cancelled:
                     jobs.append(job)
             return jobs
 
     def _run(self) -> None:
-        while (jobs := self._take()) is not None:
-            if jobs:
-                self._batch(jobs)
+        if not self.continuous:
+            while (jobs := self._take(self.max_batch, block=True)) is not None:
+                if jobs:
+                    self._batch(jobs)
+            return
+        batch = RunningBatch(self.model, self.registry)
+        try:
+            while (jobs := self._take(self.max_batch - len(batch), block=not batch)) is not None:
+                if jobs:
+                    try:
+                        batch.admit(jobs)
+                    except Exception as exc:  # a failed prefill fails its own requests, never the running ones
+                        for job in jobs:
+                            job.emit("error", f"generation failed: {exc}")
+                if batch:
+                    self._step(batch)
+        finally:
+            batch.fail("the server is shutting down")
+
+    def _step(self, batch: RunningBatch) -> None:
+        def done(row: Row, generation: Generation) -> None:
+            row.job.emit("done", generation)
+
+        rows, started = len(batch), time.perf_counter()
+        try:
+            produced = batch.step(done)
+        except Exception as exc:  # a failed step must not kill the worker: every running request gets the error
+            batch.fail(f"generation failed: {exc}")
+            return
+        if self.on_batch is not None:
+            self.on_batch(rows, produced, time.perf_counter() - started)
 
     def _batch(self, jobs: list[Job]) -> None:
         ops = [op for row, job in enumerate(jobs) for op in job.plan.ops_for_row(row)]

@@ -1,0 +1,227 @@
+"""Continuous batching: requests join and leave a running batch between decode steps.
+
+The running batch keeps one KV cache whose rows are left-padded to a common width. A new request is prefilled on its
+own, with its own ops, and its cache rows are padded and appended to the batch; a finished request's rows are dropped
+and columns that are padding in every row are trimmed. Positions are absolute per row and padding is masked, so a
+row's tokens do not depend on who shares its batch (up to float rounding of different matmul shapes).
+
+Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch changes; between changes one
+`engine.apply` stays open across decode steps. This splicing needs caches made of plain growing key/value tensors;
+`spliceable` says whether a model's cache is one (sliding-window and recurrent caches are not), and the worker falls
+back to batches that start and finish together for the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from personaxis.engine import Op, Trace
+from personaxis.generate import Generation, accepts, sample_next, stop_token_ids
+from personaxis.model import ChatModel
+from personaxis.serve.plan import Registry
+
+if TYPE_CHECKING:
+    from personaxis.generate import Sampling
+    from personaxis.serve.worker import Job
+
+
+def spliceable(cache: object) -> bool:
+    """Whether rows of this KV cache can be padded, appended and dropped as plain tensors."""
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+@dataclass(eq=False)
+class Row:
+    """One request in the running batch."""
+
+    job: Job
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    projections: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # monitor name -> per token [L]
+    cap_hits: int = 0
+    finish: str = ""
+
+    @property
+    def monitored(self) -> bool:
+        return bool(self.job.plan.monitor)
+
+
+class RunningBatch:
+    """The rows being decoded, their shared KV cache, and the engine scope their ops run in."""
+
+    def __init__(self, model: ChatModel, registry: Registry) -> None:
+        self.model, self.registry = model, registry
+        self.stops = stop_token_ids(model)
+        self.extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = self.positions = self.logits = None  # [B, W] · [B] · [B, V], on the model's device
+        self._scope: contextlib.ExitStack | None = None
+        self._trace: Trace | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- joining -----------------------------------------------------------------------------------------------------
+
+    def admit(self, jobs: Sequence[Job]) -> None:
+        """Prefill `jobs` together (left-padded) and add them to the batch."""
+        device, pad = self.model.device, self.model.tokenizer.pad_token_id
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, width - len(job.prompt) :] = torch.tensor(job.prompt)
+            mask[b, width - len(job.prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        ops = [op for row, job in enumerate(jobs) for op in job.plan.ops_for_row(row)]
+        self._close()  # the engine runs one scope at a time: the running rows' scope reopens at the next step
+        with torch.inference_mode(), self.model.engine.apply(ops) as trace:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                   **self.extra)  # fmt: skip
+        hits = trace.cap_hits.tolist() if trace.cap_hits is not None else [0] * len(jobs)
+        rows = [Row(job, _generator(job.sampling), cap_hits=int(h)) for job, h in zip(jobs, hits, strict=True)]
+        self._splice(out.past_key_values, out.logits[:, -1], mask, mask.sum(dim=1), rows)
+
+    def _splice(self, cache: DynamicCache, logits: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                rows: list[Row]) -> None:  # fmt: skip
+        if not self.rows:
+            self.cache, self.logits, self.mask, self.positions, self.rows = cache, logits, mask, positions, rows
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        old, new = width - self.mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, old, 0)), F.pad(theirs.keys, (0, 0, new, 0))])
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, old, 0)), F.pad(theirs.values, (0, 0, new, 0))])
+        self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + rows
+
+    # -- decoding ----------------------------------------------------------------------------------------------------
+
+    def step(self, on_done: Callable[[Row, Generation], None]) -> int:
+        """Sample one token per row, run it, hand out tokens and finished rows; returns the tokens produced."""
+        settings = [row.job.sampling for row in self.rows]
+        sampled = sample_next(self.logits, settings, [row.generator for row in self.rows], [True] * len(self.rows))
+        produced = 0
+        for row, token in zip(self.rows, sampled, strict=True):
+            if row.job.cancelled:
+                row.finish = "stop"
+                continue
+            if token in self.stops:
+                row.finish = "stop"
+                continue
+            row.tokens.append(token)
+            produced += 1
+            if len(row.tokens) >= row.job.sampling.max_new_tokens:
+                row.finish = "length"
+            if not row.monitored:  # nothing to read out: the token goes out now and a finished row needs no forward
+                row.job.emit("token", token, {})
+        self._retire(on_done, keep=lambda row: not row.finish or row.monitored and row.finish == "length")
+        if not self.rows:
+            return produced
+        self._open()
+        tokens = torch.tensor([row.tokens[-1] for row in self.rows]).to(self.model.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        with torch.inference_mode():
+            out = self.model.model(input_ids=tokens[:, None], attention_mask=self.mask,
+                                   position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True,
+                                   **self.extra)  # fmt: skip
+        self.cache, self.logits, self.positions = out.past_key_values, out.logits[:, -1], self.positions + 1
+        names = self._monitored()
+        latest = {name: self._trace.latest(f"monitor:{name}") for name in names}
+        for b, row in enumerate(self.rows):
+            if row.monitored:
+                values = {name: latest[name][b] for name in row.job.plan.monitor}
+                for name, value in values.items():
+                    row.projections.setdefault(name, []).append(value)
+                row.job.emit("token", row.tokens[-1], {name: float(v[0]) for name, v in values.items()})
+        self._retire(on_done, keep=lambda row: not row.finish)
+        return produced
+
+    def fail(self, message: str) -> None:
+        """Every running request gets `message` as its error; the batch is emptied."""
+        if self._scope is not None:  # detach the hooks; the counts of a failed batch are not worth banking
+            with contextlib.suppress(Exception):
+                self._scope.close()
+        self._scope, self._trace = None, None
+        for row in self.rows:
+            row.job.emit("error", message)
+        self.rows, self.cache, self.mask, self.positions, self.logits = [], None, None, None, None
+
+    def close(self) -> None:
+        self._close()
+
+    def _monitored(self) -> list[str]:
+        return list(dict.fromkeys(name for row in self.rows for name in row.job.plan.monitor))
+
+    def _open(self) -> None:
+        """Enter the engine with the current rows' ops; positions of each row's prompt are passed on explicitly."""
+        if self._scope is not None:
+            return
+        ops: list[Op] = [op for b, row in enumerate(self.rows) for op in row.job.plan.ops_for_row(b)]
+        ops += [self.registry.monitor_op(name) for name in self._monitored()]
+        lengths = torch.tensor([len(row.job.prompt) for row in self.rows], device=self.mask.device)
+        last_prompt = self.mask.argmax(dim=1) + lengths - 1  # first real column + prompt length - 1
+        self._scope = contextlib.ExitStack()
+        self._trace = self._scope.enter_context(self.model.engine.apply(ops, last_prompt=last_prompt))
+
+    def _close(self) -> None:
+        """Leave the engine scope, crediting each row with the cap hits counted in it."""
+        if self._scope is None:
+            return
+        if self._trace.cap_hits is not None:
+            for row, hits in zip(self.rows, self._trace.cap_hits.tolist(), strict=True):
+                row.cap_hits += int(hits)
+        self._scope.close()
+        self._scope, self._trace = None, None
+
+    def _retire(self, on_done: Callable[[Row, Generation], None], keep: Callable[[Row], bool]) -> None:
+        kept = [b for b, row in enumerate(self.rows) if keep(row)]
+        if len(kept) == len(self.rows):
+            return
+        self._close()
+        for row in self.rows:
+            if not keep(row):
+                on_done(row, self._generation(row))
+        if not kept:
+            self.rows, self.cache, self.mask, self.positions, self.logits = [], None, None, None, None
+            return
+        index = torch.tensor(kept, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        self.rows = [self.rows[b] for b in kept]
+        first = int(self.mask.any(dim=0).int().argmax())  # columns left of it are padding in every row
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def _generation(self, row: Row) -> Generation:
+        projections = {
+            f"monitor:{name}": torch.stack(values) if values else torch.empty(0, 1)
+            for name, values in ((n, row.projections.get(n, [])) for n in row.job.plan.monitor)
+        }
+        return Generation(
+            prompt_ids=list(row.job.prompt),
+            token_ids=row.tokens,
+            text=self.model.tokenizer.decode(row.tokens, skip_special_tokens=True),
+            finish_reason=row.finish or "stop",
+            projections=projections,
+            cap_hits=row.cap_hits,
+        )
+
+
+def _generator(sampling: Sampling) -> torch.Generator | None:
+    if sampling.seed is None or sampling.temperature == 0:
+        return None
+    return torch.Generator().manual_seed(sampling.seed)
