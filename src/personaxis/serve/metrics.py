@@ -15,10 +15,10 @@ class Metrics:
         )
         self.tokens = Counter("personaxis_generated_tokens", "Reply tokens generated", registry=r)
         self.tokens_per_second = Gauge(
-            "personaxis_tokens_per_second", "Aggregate decode throughput of the latest batch", registry=r
+            "personaxis_tokens_per_second", "Aggregate decode throughput of the latest step", registry=r
         )
         self.batch_size = Histogram(
-            "personaxis_batch_size", "Requests decoded together", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "personaxis_batch_size", "Requests in each decode step", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )
         self.ttft = Histogram(
             "personaxis_time_to_first_token_seconds",
