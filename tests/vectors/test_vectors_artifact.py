@@ -47,13 +47,33 @@ def test_saved_file_is_one_self_contained_safetensors(tmp_path, make_vectors):
     assert json.loads(header["personaxis.meta"])["model_id"] == MODEL_ID
 
 
+def test_equal_artifacts_are_equal_bytes(tmp_path, make_vectors):
+    """Directions and header strings added in another order, in two processes or one: the same file, byte for byte
+    (safetensors alone writes its header metadata in hash-map order, which varies)."""
+    v = make_vectors(names=("evil", "humor", "calm"))
+    reordered = Vectors(v.layers, dict(reversed(list(v.data.items()))), v.meta)
+    a, b = v.save(tmp_path / "a.safetensors"), reordered.save(tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    strings = {f"note{i}": str(i) for i in range(12)}
+    tensors = {"x": torch.ones(3, dtype=torch.bfloat16), "y": torch.arange(5), "z": torch.zeros(2)}
+    _io.write_artifact(tmp_path / "c.safetensors", tensors, "k", "{}", header=strings)
+    _io.write_artifact(
+        tmp_path / "d.safetensors", dict(reversed(tensors.items())), "k", "{}", dict(reversed(strings.items()))
+    )
+    assert (tmp_path / "c.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
+    tensors_back, meta, header = _io.read_artifact(tmp_path / "d.safetensors", "k")
+    assert meta == "{}" and {k: header[k] for k in strings} == strings
+    assert all(torch.equal(tensors_back[k], t) for k, t in tensors.items())
+    assert_same(Vectors.load(b), Vectors.load(a))
+
+
 def test_failed_write_leaves_no_partial_file(tmp_path, make_vectors, monkeypatch):
     def broken(tensors, filename, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(_io, "save_file", broken)
+    monkeypatch.setattr(_io, "save_canonical", broken)
     with pytest.raises(OSError, match="disk full"):
         make_vectors().save(tmp_path / "v.safetensors")
     assert list(tmp_path.iterdir()) == []
@@ -66,7 +86,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, make_vectors, monkeypatc
     def broken(tensors, filename, metadata=None):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_io, "save_file", broken)
+    monkeypatch.setattr(_io, "save_canonical", broken)
     with pytest.raises(OSError):
         make_vectors(seed=2).save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]

@@ -6,6 +6,7 @@ its metadata as JSON. One self-contained file cannot lose its sidecar, and safet
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -15,7 +16,7 @@ from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from personaxis.errors import PersonaxisError
 
@@ -62,6 +63,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def save_canonical(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on the tensors and the metadata, not on dict or hash-map order.
+
+    safetensors already lays the tensor data out in a fixed order (by dtype alignment, then name), but it writes
+    the header's string metadata in hash-map order, which changes from process to process. The header is therefore
+    written again as JSON with sorted keys, padded with spaces to 8 bytes as safetensors pads it; the data, and
+    the offsets (relative to the end of the header), are unchanged.
+    """
+    data = save({k: tensors[k] for k in sorted(tensors)}, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(filename, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(data)[8 + size :])
+
+
 def write_artifact(
     path: str | os.PathLike[str],
     tensors: dict[str, torch.Tensor],
@@ -69,12 +88,15 @@ def write_artifact(
     meta: str,
     header: dict[str, str] | None = None,
 ) -> None:
-    """Write tensors and JSON metadata (plus any other header strings) as one safetensors file, atomically."""
+    """Write tensors and JSON metadata (plus any other header strings) as one safetensors file, atomically.
+
+    The same tensors and metadata give the same bytes, whatever order they were built in (`save_canonical`).
+    """
     with atomic_path(path) as tmp:
-        save_file(
+        save_canonical(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
             str(tmp),
-            metadata={**(header or {}), KIND_KEY: kind, META_KEY: meta},
+            {**(header or {}), KIND_KEY: kind, META_KEY: meta},
         )
 
 
