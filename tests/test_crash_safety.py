@@ -102,18 +102,14 @@ def pipeline(kind: str, model_spec: str, run_dir: Path, settings: Settings) -> N
     log = ComputeLog(run_dir / "computed.log")
     model = load_model(model_spec)
     if kind == "axis":
-        import personaxis.axis.build as build
+        from personaxis.axis.build import CAPTURES, NO_JUDGE, BuildConfig, build_axis
 
-        class Logged(LoggedBackend):  # the build makes its own LocalBackend: hand it one that logs
-            def __init__(self, *args, **kwargs) -> None:
-                super().__init__(LocalBackend(*args, **kwargs), log)
-
-        build.LocalBackend = Logged
-        config = build.BuildConfig(
+        config = BuildConfig(
             roles=3, questions=settings.questions, samples=settings.samples, max_tokens=settings.max_new_tokens,
-            judge=build.NO_JUDGE, min_count=1, traits=1, batch_size=1,
+            judge=NO_JUDGE, min_count=1, traits=1, batch_size=1,
         )  # fmt: skip
-        build.build_axis(model, run_dir, config, progress=False)
+        backend = LoggedBackend(LocalBackend(model, range(model.n_layers), CAPTURES, batch_size=1), log)
+        build_axis(model, run_dir, config, backend=backend, progress=False)
     else:
         vectors(model, RunStore(run_dir), run_dir / VECTORS, settings, log)
 
@@ -239,8 +235,7 @@ def records(run_dir: Path) -> dict[tuple[str, str], tuple[dict, dict[str, torch.
 
 
 def artifacts(run_dir: Path) -> dict[str, tuple[dict[str, str], dict[str, torch.Tensor]]]:
-    """Each artifact's metadata and tensors. Not its bytes: safetensors writes the header's metadata in hash-map
-    order, which varies from process to process, so equal artifacts need not be byte-equal files."""
+    """Each artifact's metadata and tensors (read back, so that a difference is reported by name)."""
     from safetensors import safe_open
 
     out = {}
@@ -267,6 +262,7 @@ def same_artifacts(a: Path, b: Path) -> float:
         assert meta == files_b[name][0], f"{name}: different metadata"
         assert tensors.keys() == files_b[name][1].keys()
         assert all(torch.equal(t, files_b[name][1][k]) for k, t in tensors.items()), f"{name}: different tensors"
+        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name}: equal contents, different bytes"
     return worst
 
 

@@ -111,6 +111,21 @@ class LocalBackend:
             ]
 
 
+def check_backend(backend: Backend, model: ChatModel, layers: Sequence[int], captures: Sequence[str]) -> None:
+    """A backend handed to a pipeline must capture what the stage needs (these layers and captures of this model):
+    the artifacts are computed from its records with the pipeline's own model."""
+    identity = backend.identity()
+    given = {
+        "model": identity.get("model"),
+        "layers": list(identity.get("layers", [])),
+        "captures": list(identity.get("captures", [])),
+    }
+    needed = {"model": model.name, "layers": list(layers), "captures": list(captures)}
+    wrong = [f"{k} {given[k]} (needed: {needed[k]})" for k in needed if given[k] != needed[k]]
+    if wrong:
+        raise PersonaxisError(f"the backend was made for other settings than this stage: {'; '.join(wrong)}")
+
+
 def rollout_key(backend_identity: dict[str, Any], rollout: Rollout) -> str:
     """The sample's id is part of its identity: two samples with the same chat and seed stay two records, each
     carrying its own id and labels."""
@@ -235,6 +250,7 @@ __all__ = [
     "LocalBackend",
     "Rollout",
     "RolloutResult",
+    "check_backend",
     "run_captures",
     "run_rollouts",
 ]

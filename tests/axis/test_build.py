@@ -131,6 +131,27 @@ def test_unjudged_build_keeps_every_reply_and_says_so(tiny, tmp_path):
     assert result.traits is None
 
 
+def test_a_given_backend_runs_the_rollouts_and_must_fit_the_build(tiny, tmp_path):
+    config = BuildConfig(questions=1, max_tokens=2, judge="none", min_count=1, traits=0)
+    used = []
+
+    class Tracing(personaxis.runs.LocalBackend):
+        def stream(self, rollouts):
+            used.extend(rollouts)
+            yield from super().stream(rollouts)
+
+    result = build_axis(tiny, tmp_path / "ok", config, roles=ROLES[:2], questions=QUESTIONS, progress=False,
+                        backend=Tracing(tiny, range(tiny.n_layers), ("response",), batch_size=4))  # fmt: skip
+    assert len(used) == result.summary["counts"]["rollouts"] > 0
+    for wrong, message in [
+        (Tracing(tiny, [0, 1], ("response",)), r"layers \[0, 1\] \(needed: \[0, 1, 2, 3\]\)"),
+        (Tracing(tiny, range(tiny.n_layers), ("prompt",)), r"captures \['prompt'\] \(needed: \['response'\]\)"),
+    ]:
+        with pytest.raises(PersonaxisError, match=message):
+            build_axis(tiny, tmp_path / "bad", config, roles=ROLES[:2], questions=QUESTIONS, backend=wrong)
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
 def test_too_few_roles_after_filtering_is_a_clear_error(tiny, tmp_path):
     judge = FakeJudge(lambda p: 1)
     with pytest.raises(PersonaxisError, match="only 0 role.*--judge none"):

@@ -163,6 +163,17 @@ def test_second_run_generates_and_judges_nothing(tiny, small_trait, hash_judge, 
     assert sum(generated) == 8 + 4  # only the new question's rollouts
 
 
+def test_a_given_backend_must_capture_what_extraction_needs(tiny, small_trait, hash_judge, tmp_path):
+    backend = personaxis.runs.LocalBackend(tiny, [3, 1, 0], ("response", "prompt", "last_prompt"), batch_size=3)
+    with pytest.raises(PersonaxisError, match=r"layers \[3, 1, 0\] \(needed: \[0, 1, 3\]\)"):
+        extract_trait(tiny, small_trait, hash_judge(), RunStore(tmp_path / "run"), layers=LAYERS, backend=backend)
+    backend.layers = sorted(backend.layers)
+    settings = ExtractSettings(max_new_tokens=3, min_pairs=1, thresholds=OPEN)
+    store = RunStore(tmp_path / "run")
+    result = extract_trait(tiny, small_trait, hash_judge(), store, settings, LAYERS, backend=backend, progress=False)
+    assert result.vectors.layers == LAYERS and store.count("trait_rollouts") == 12
+
+
 def test_judge_without_numbers_is_a_clear_error(tiny, small_trait, hash_judge, tmp_path):
     with pytest.raises(PersonaxisError, match=r"only 0 of 6 pairs .* 6 undefined score.* 24 undefined.*stronger judge"):
         run_extract(tiny, small_trait, hash_judge(numbers=False), tmp_path / "run")

@@ -42,12 +42,13 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
 NO_JUDGE = "none"
 ROLLOUT_STAGE = "rollouts"
+CAPTURES = ("response",)  # captured at every layer
 SUMMARY = "summary.json"
 SPACE = "space.json"  # the persona-space view `personaxis serve` can show
 ARTIFACTS = {
@@ -340,18 +341,26 @@ def build_axis(
     questions: Sequence[str] | None = None,
     traits: Sequence[AxisTrait] | None = None,
     rubric: RoleRubric | None = None,
+    backend: Backend | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> AxisBuild:
     """Run (or resume) a build in `run_dir` and write its artifacts, summary and plots there.
 
-    `judge` is required unless `config.judge == "none"`; the libraries default to the packaged ones.
+    `judge` is required unless `config.judge == "none"`; the libraries default to the packaged ones. `backend` runs
+    the rollouts (default: a `LocalBackend` on `model` with `config.batch_size`); one given must capture `CAPTURES`
+    at every layer of `model`.
     """
     if config.judged and judge is None:
         raise PersonaxisError(f"the build asks for judge {config.judge!r} but none was given")
     target = model.n_layers // 2 if config.target_layer is None else config.target_layer
     if not 0 <= target < model.n_layers:
         raise PersonaxisError(f"target layer {target} is outside the model's layers 0..{model.n_layers - 1}")
+    layers = list(range(model.n_layers))
+    if backend is None:
+        backend = LocalBackend(model, layers, CAPTURES, batch_size=config.batch_size)
+    else:
+        check_backend(backend, model, layers, CAPTURES)
     library = load_roles() if roles is None else list(roles)
     if config.quick_roles:
         chosen_roles = quick_roles(library, seed=config.seed)
@@ -383,8 +392,6 @@ def build_axis(
         f"{config.samples} sample(s), {len(chosen_traits)} traits"
     )
     started = time.time()
-    layers = list(range(model.n_layers))
-    backend = LocalBackend(model, layers, captures=("response",), batch_size=config.batch_size)
     records = run_rollouts(store, plan, backend, stage=ROLLOUT_STAGE, progress=progress)
     labels = {r.id: r.labels for r in plan}
 

@@ -31,7 +31,7 @@ from personaxis.extract import meta_for
 from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.traits.files import SAMPLES, VECTORS, write_jsonl
 from personaxis.traits.judging import JudgeCounts, Judged, judge_replies
@@ -208,6 +208,11 @@ def _too_few(kept: int, stats: dict[str, int], counts: JudgeCounts, minimum: int
     )
 
 
+def extraction_layers(model: ChatModel, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers an extraction captures: every layer by default, else the given ones, sorted and distinct."""
+    return list(range(model.n_layers)) if layers is None else sorted(set(layers))
+
+
 def extract_trait(
     model: ChatModel,
     trait: TraitSpec,
@@ -216,20 +221,26 @@ def extract_trait(
     settings: ExtractSettings = ExtractSettings(),
     layers: Sequence[int] | None = None,
     *,
+    backend: Backend | None = None,
     progress: bool = True,
 ) -> Extraction:
     """Rollouts, judgements, pair filter and mean differences at every layer (see the module docstring).
 
-    Writes samples.jsonl and vectors.safetensors into the run folder (the store's folder).
+    Writes samples.jsonl and vectors.safetensors into the run folder (the store's folder). `backend` runs the
+    rollouts (default: a `LocalBackend` on `model` with `settings.batch_size`); one given must capture `CAPTURES` at
+    `extraction_layers(model, layers)` of `model`.
     """
-    layers = list(range(model.n_layers)) if layers is None else sorted(set(layers))
+    layers = extraction_layers(model, layers)
+    if backend is None:
+        backend = LocalBackend(model, layers, captures=CAPTURES, batch_size=settings.batch_size)
+    else:
+        check_backend(backend, model, layers, CAPTURES)
     store.update_manifest(
         kind="trait", trait={"name": trait.name, "version": trait.version},
         models={"studied": model.name, "judge": judge.judge_id},
         extract={**asdict(settings), "layers": layers},
     )  # fmt: skip
     rollouts = plan_rollouts(trait, settings)
-    backend = LocalBackend(model, layers, captures=CAPTURES, batch_size=settings.batch_size)
     records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=progress)
 
     questions = trait.questions.extraction
