@@ -1,4 +1,5 @@
-"""Test helpers: a tiny model saved to a folder, and a fake OpenAI-compatible server with scripted faults."""
+"""Test helpers: a tiny model saved to a folder, a thread-count switch, and a fake OpenAI-compatible server with
+scripted faults."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
 from tiny import build_tokenizer, tiny_llama
 
 WORDS = "the quick brown fox jumps over lazy dog sea waves wind pirate hello there fine thank you".split()
@@ -21,6 +25,17 @@ def save_tiny(folder: Path, seed: int = 0) -> Path:
     tiny_llama(len(tokenizer), seed=seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Run like a Ray worker with `n` CPUs: the thread count changes how matmuls split, hence the float rounding."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fake_reply(body: dict) -> tuple[str, str]:

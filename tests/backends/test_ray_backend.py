@@ -1,11 +1,10 @@
 """RayBackend on a local Ray with two CPU workers: the same results as LocalBackend, even when a worker is killed."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
 import torch
+from backends.helpers import threads
 
 from personaxis.backends import RayBackend, backend_from_options
 from personaxis.errors import PersonaxisError
@@ -21,13 +20,6 @@ CAPTURES = ("response", "last_prompt")
 PROMPTS = ["Hello there", "What is the capital of France?", "Tell me about the sea, the waves and the wind", "Ahoy"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def rollouts(n: int, temperature: float = 0.0) -> list[Rollout]:
     return [
         Rollout.make(
@@ -41,17 +33,6 @@ def rollouts(n: int, temperature: float = 0.0) -> list[Rollout]:
         )
         for i in range(n)
     ]
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run like a worker with `n` CPUs: the thread count changes how matmuls split, hence the float rounding."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_local(store: RunStore, items: list[Rollout], local: LocalBackend) -> dict:

@@ -13,13 +13,39 @@ from collections.abc import Sequence
 import torch
 
 from personaxis.backends.openai_backend import OpenAIBackend, RequestStats
-from personaxis.backends.ray_backend import RayBackend, RayStats
+from personaxis.backends.ray_backend import RayBackend, RayJudge, RayStats
 from personaxis.errors import PersonaxisError
 from personaxis.model.loading import ChatModel, load_model
 from personaxis.runs import Backend, LocalBackend
 
 EXECUTORS = ("local", "ray")
 GENERATORS = ("local", "openai")
+
+
+def check_options(
+    executor: str = "local",
+    ray_address: str | None = None,
+    workers: int | None = None,
+    generator: str = "local",
+    base_url: str | None = None,
+    generator_model: str | None = None,
+) -> None:
+    """Refuse a wrong mix of backend options in one line, before anything is loaded."""
+    if executor not in EXECUTORS:
+        raise PersonaxisError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if generator not in GENERATORS:
+        raise PersonaxisError(f"unknown generator {generator!r} (choose from {', '.join(GENERATORS)})")
+    if executor != "ray" and (ray_address is not None or workers is not None):
+        raise PersonaxisError("--ray-address and --workers need --executor ray")
+    if workers is not None and workers < 1:
+        raise PersonaxisError(f"--workers must be at least 1, got {workers}")
+    if generator != "openai" and (base_url is not None or generator_model is not None):
+        raise PersonaxisError("--base-url and --generator-model need --generator openai")
+    if generator == "openai":
+        if executor == "ray":
+            raise PersonaxisError("--generator openai generates on the server: use it with --executor local")
+        if not base_url:
+            raise PersonaxisError("--generator openai needs --base-url (e.g. http://localhost:8000/v1)")
 
 
 def backend_from_options(
@@ -47,19 +73,9 @@ def backend_from_options(
     loaded model it uses its name, revision and dtype. `generator_model` defaults to the model spec, the name a
     vLLM or SGLang server gives a model it serves from the hub.
     """
-    if executor not in EXECUTORS:
-        raise PersonaxisError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
-    if generator not in GENERATORS:
-        raise PersonaxisError(f"unknown generator {generator!r} (choose from {', '.join(GENERATORS)})")
-    if executor != "ray" and (ray_address is not None or workers is not None):
-        raise PersonaxisError("--ray-address and --workers need --executor ray")
-    if generator != "openai" and (base_url is not None or generator_model is not None):
-        raise PersonaxisError("--base-url and --generator-model need --generator openai")
+    check_options(executor, ray_address, workers, generator, base_url, generator_model)
     if generator == "openai":
-        if executor == "ray":
-            raise PersonaxisError("--generator openai generates on the server: use it with --executor local")
-        if not base_url:
-            raise PersonaxisError("--generator openai needs --base-url (e.g. http://localhost:8000/v1)")
+        assert base_url is not None
         name = generator_model or (model.name if isinstance(model, ChatModel) else os.fspath(model))
         capture = model if isinstance(model, ChatModel) else load_model(model, dtype=dtype, device=device)
         return OpenAIBackend(
@@ -87,7 +103,9 @@ __all__ = [
     "GENERATORS",
     "OpenAIBackend",
     "RayBackend",
+    "RayJudge",
     "RayStats",
     "RequestStats",
     "backend_from_options",
+    "check_options",
 ]

@@ -1,4 +1,4 @@
-"""Rollouts on a Ray cluster: one model replica per actor, results streamed back to the driver.
+"""Rollouts and local-model judging on a Ray cluster: one model replica per actor, results streamed back to the driver.
 
 The driver (the process that calls `run_rollouts`) is the only writer of the run store. Actors generate and capture;
 their results come back through Ray and the driver writes each group as it arrives. So the store never has to live
@@ -13,11 +13,14 @@ keeps the first record under each content-hash key, so nothing is ever written t
 
 The driver orders the rollouts by prompt length and cuts batches exactly as `LocalBackend` does: with the same
 `batch_size` (and the same hardware and dtype) the results are bit-identical to a local run.
+
+`RayJudge` shards judge prompts over the same actors, so a `local:same` judge runs on the replicas that generated.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,7 +28,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from personaxis.errors import PersonaxisError
+from personaxis.judge.base import Judge
+from personaxis.judge.scoring import MIN_MASS, Distribution
+from personaxis.model.loading import DTYPES, model_name
 from personaxis.runs import LocalBackend, Rollout, RolloutResult
+from personaxis.store import RunStore
 
 _LENGTH_CHUNK = 2000  # rollouts per tokenization task
 log = logging.getLogger("personaxis.backends")
@@ -43,6 +50,7 @@ class _Replica:
             torch.set_num_threads(threads)
         model = load_model(spec, dtype=options["dtype"], revision=options["revision"], device=options["device"])
         self.local = LocalBackend(model, options["layers"], options["captures"], options["batch_size"])
+        self.judge: Any = None
 
     def identity(self) -> dict[str, Any]:
         return self.local.identity()
@@ -54,6 +62,15 @@ class _Replica:
 
     def run(self, rollouts: list[Rollout]) -> list[RolloutResult]:
         return [result for group in self.local.stream(rollouts) for result in group]
+
+    def number_probs(self, job: tuple[list[str], int]) -> list[Distribution]:
+        """Judge prompts with this replica's model (`LocalJudge`, uncached: the driver caches)."""
+        from personaxis.judge.local import LocalJudge
+
+        if self.judge is None:
+            self.judge = LocalJudge(self.local.model.model, self.local.model.tokenizer, judge_id="replica")
+        prompts, hi = job
+        return self.judge._number_probs(prompts, hi)
 
 
 @dataclass
@@ -98,6 +115,8 @@ class RayBackend:
             raise PersonaxisError("workers must be at least 1")
         if batch_size < 1 or depth < 1 or cpus_per_worker < 1:
             raise PersonaxisError("batch_size, depth and cpus_per_worker must be at least 1")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise PersonaxisError(f"unknown dtype {dtype!r} (choose from {', '.join(sorted(DTYPES))}, auto)")
         self.spec = os.fspath(model_spec)
         self.options = {
             "layers": list(layers),
@@ -122,7 +141,19 @@ class RayBackend:
     # -- Backend protocol ----------------------------------------------------------------------------------------
 
     def identity(self) -> dict[str, Any]:
-        self.start()
+        """What every worker will report, known without starting them when the dtype is given (the workers then
+        have to agree with it); with dtype "auto" only a loaded model can tell, so the workers are started."""
+        if self._identity is None:
+            if self.options["dtype"] == "auto":
+                self.start()
+            else:
+                self._identity = {
+                    "model": model_name(self.spec),
+                    "revision": self.options["revision"],
+                    "dtype": str(DTYPES[self.options["dtype"]]),
+                    "layers": self.options["layers"],
+                    "captures": self.options["captures"],
+                }
         assert self._identity is not None
         return self._identity
 
@@ -181,9 +212,16 @@ class RayBackend:
                     f"{'GPUs' if gpus else 'CPUs'} on the cluster ({fit} workers fit)?"
                 ) from e
             raise PersonaxisError(f"Ray workers could not load {self.spec}: {_cause(e)}") from e
+        problem = None
         if any(identity != identities[0] for identity in identities):
+            problem = f"Ray workers loaded {self.spec} differently: {identities}"
+        elif self._identity is not None and identities[0] != self._identity:
+            problem = f"Ray workers loaded {self.spec} as {identities[0]}, not {self._identity}"
+        if problem is not None:
+            for actor in starting:
+                ray.kill(actor)
             self.close()
-            raise PersonaxisError(f"Ray workers loaded {self.spec} differently: {identities}")
+            raise PersonaxisError(problem)
         self._identity = identities[0]
         self.actors = starting
 
@@ -279,6 +317,38 @@ class RayBackend:
             ray.kill(actor)
             raise PersonaxisError(f"a replacement Ray worker loaded {self.spec} differently: {identity}")
         self.actors.append(actor)
+
+
+class RayJudge(Judge):
+    """A local-model judge sharded over a `RayBackend`'s actors, each judging with the replica it already holds (so
+    `judge local:same` needs no second copy of the model, and shards of a lost actor are redone like rollouts).
+
+    The driver keeps the cache and the counts (`Judge`); the default `judge_id` is the one `judge_from_spec` gives a
+    `LocalJudge` of the same model, so the two share cached answers. A call is cut into shards of at most `shard`
+    prompts (the local judge's batch), fewer when that spreads it over more actors. The distributions equal a
+    `LocalJudge`'s up to float rounding: which prompts share a forward pass changes padding and the last bits.
+    """
+
+    def __init__(
+        self,
+        backend: RayBackend,
+        *,
+        judge_id: str | None = None,
+        shard: int = 8,
+        cache: RunStore | str | os.PathLike[str] | None = None,
+        min_mass: float = MIN_MASS,
+    ) -> None:
+        super().__init__(judge_id or f"local:{backend.identity()['model']}", cache=cache, min_mass=min_mass)
+        self.backend, self.shard = backend, shard
+
+    def _number_probs(self, prompts: list[str], hi: int) -> list[Distribution]:
+        self.backend.start()
+        size = max(1, min(self.shard, math.ceil(len(prompts) / max(1, len(self.backend.actors)))))
+        shards = [(prompts[i : i + size], hi) for i in range(0, len(prompts), size)]
+        out: list[list[Distribution]] = [[] for _ in shards]
+        for index, distributions in self.backend._map("number_probs", shards):
+            out[index] = distributions
+        return [d for part in out for d in part]
 
 
 def _cause(error: Exception) -> str:

@@ -126,7 +126,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = str(spec)
-    name = spec
+    name = model_name(spec)
     kwargs: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
@@ -135,7 +135,6 @@ def load_model(
     path = Path(spec).expanduser()
     if embedded is not None and not path.exists():
         source = fetch_embedded(embedded)
-        name = embedded.name
         if kwargs["dtype"] == "auto":
             kwargs["dtype"] = torch.bfloat16 if (device or "cpu") == "cpu" else "auto"
     elif path.suffix == ".gguf":
@@ -164,6 +163,13 @@ def load_model(
         model = model.to(device)
     model.eval()
     return ChatModel(model=model, tokenizer=tokenizer, name=name, revision=revision)
+
+
+def model_name(spec: str | os.PathLike) -> str:
+    """The name `load_model(spec)` gives the model (an embedded model's own name, else the spec), without loading."""
+    spec = str(spec)
+    embedded = resolve_embedded(spec)
+    return embedded.name if embedded is not None and not Path(spec).expanduser().exists() else spec
 
 
 def _tok_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
