@@ -171,6 +171,9 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
         monkeypatch, capsys, "cap calibrate -m another-model --axis {axis} --run {run}", **paths
     )
     assert "--roles must be" in bad(monkeypatch, capsys, "axis build -m {m} --roles many", **paths)
+    assert "use it with --executor local" in bad(
+        monkeypatch, capsys, "axis build -m no/such/model --executor ray --generator openai --base-url http://h/v1"
+    )
 
     broken = [r.model_dump(mode="json") for r in load_roles()[:2]]
     del broken[1]["prompts"]

@@ -60,6 +60,25 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
     assert "layer 0" in out
 
 
+def test_extract_with_replies_from_a_server(cli, folder, trait_file, fake_openai, tmp_path):
+    """`--generator openai`: the fake server writes the replies (and judges them), the local model captures."""
+    fake_openai.replies = ["Arr, matey!", "The capital is Paris.", "Ahoy, the sea is wide."]
+    run = tmp_path / "run"
+    judge = f"openai:judge@{fake_openai.url}"
+    code, out, err = cli("trait", "extract", trait_file, "--model", folder, "--judge", judge,
+                         "--generator", "openai", "--base-url", fake_openai.url, "--generator-model", "served",
+                         "--dtype", "float32", "--any-counts", "--run", run, "--pos-min", "0", "--neg-max", "101",
+                         "--coherence-min", "0", "--min-pairs", "1", "--layers", "1,3")  # fmt: skip
+    assert code == 0, err
+    generated = [r for r in fake_openai.requests if not r.get("logprobs")]
+    assert len(generated) == 12 and {r["model"] for r in generated} == {"served"}
+    assert len({r["seed"] for r in generated}) == 12  # each rollout's own seed goes to the server
+    rows = files.read_jsonl(run / files.SAMPLES)
+    assert len(rows) == 12 and {r["text"] for r in rows} <= set(fake_openai.replies)
+    vectors = Vectors.load(run / files.VECTORS)
+    assert vectors.layers == [1, 3] and "pirate.last_prompt" in vectors.names
+
+
 def test_bad_inputs(cli, folder, trait_file, tmp_path):
     code, _, err = cli("trait", "extract", trait_file, "--model", folder)
     assert code == 2 and "'instructions' has 2 pairs, expected 5" in err
@@ -69,6 +88,13 @@ def test_bad_inputs(cli, folder, trait_file, tmp_path):
     assert code == 2 and "samples must be at least 1" in err
     code, _, err = cli("trait", "extract", "evil", "--model", folder, "--judge", "oracle")
     assert code == 2 and "bad judge 'oracle'" in err
+    for mix, message in [
+        (["--workers", "2"], "--ray-address and --workers need --executor ray"),
+        (["--generator", "openai"], "--generator openai needs --base-url"),
+        (["--executor", "spark"], "unknown executor 'spark'"),
+    ]:
+        code, out, err = cli("trait", "extract", "evil", "--model", "no/such/model", *mix)  # refused before loading
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
     code, _, err = cli("trait", "calibrate", "evil", "--model", folder, "--vectors", tmp_path / "none.safetensors",
                        "--coefs", "a,b")  # fmt: skip
     assert code == 2 and "bad --coefs" in err

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from personaxis.backend_cli import BackendOptions, backend_options, judge_on
 from personaxis.errors import PersonaxisError
 
 axis_app = typer.Typer(
@@ -96,6 +97,7 @@ def _write_json(path: Path, data: Any) -> Path:
 
 
 @axis_app.command("build")
+@backend_options
 def build_cmd(
     model: ModelOpt,
     roles: Annotated[str | None, typer.Option(help="how many roles (a seeded subset), or 'all'")] = None,
@@ -119,9 +121,14 @@ def build_cmd(
     questions_file: Annotated[Path | None, typer.Option(help="a questions file (default: the packaged one)")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    *,
+    backend_options: BackendOptions,
 ):
-    """Roll out roles and the default Assistant, judge role adoption, and compute the axis, persona space and traits."""
-    from personaxis.axis.build import QUICK, BuildConfig, build_axis
+    """Roll out roles and the default Assistant, judge role adoption, and compute the axis, persona space and traits.
+
+    With --executor ray a local:same judge runs on the Ray workers too; see docs/scale.md for the backend options.
+    """
+    from personaxis.axis.build import CAPTURES, QUICK, BuildConfig, build_axis
     from personaxis.axis.library import load_questions, load_roles
 
     base = QUICK if quick else BuildConfig()
@@ -142,16 +149,23 @@ def build_cmd(
     if traits is not None:
         overrides["traits"] = _count(traits, "traits")
     config = replace(base, **overrides)
+    backend_options.check()
     role_library = load_roles(roles_file) if roles_file else None
     question_library = load_questions(questions_file) if questions_file else None
     m = _load(model, dtype, device)
-    judge_obj = None
-    if config.judged:
-        from personaxis.judge.spec import judge_from_spec
-        from personaxis.store import RunStore
+    with backend_options.open(m, range(m.n_layers), CAPTURES, config.batch_size) as backend:
+        judge_obj = None
+        if config.judged:
+            from personaxis.judge.spec import judge_from_spec
+            from personaxis.store import RunStore
 
-        judge_obj = judge_from_spec(config.judge, cache=RunStore(run), same=m)
-    result = build_axis(m, run, config, judge=judge_obj, roles=role_library, questions=question_library, log=_say)
+            store = RunStore(run)
+            judge_obj = judge_on(backend, config.judge, cache=store, model=m) or judge_from_spec(
+                config.judge, cache=store, same=m
+            )
+        result = build_axis(
+            m, run, config, judge=judge_obj, roles=role_library, questions=question_library, backend=backend, log=_say
+        )
     s = result.summary
     table = Table(title=f"Assistant Axis of {m.name}", show_header=False)
     for label, value in (

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from personaxis.backend_cli import BackendOptions, backend_options, judge_on
 from personaxis.errors import PersonaxisError
 
 trait_app = typer.Typer(
@@ -107,6 +108,7 @@ def new(
 
 
 @trait_app.command("extract")
+@backend_options
 def extract(
     trait: TraitArg,
     model: ModelOpt,
@@ -127,15 +129,21 @@ def extract(
     any_counts: AnyCountsOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
+    *,
+    backend_options: BackendOptions,
 ):
-    """Rollouts under eliciting and suppressing prompts, judged and filtered in pairs, to vectors at every layer."""
+    """Rollouts under eliciting and suppressing prompts, judged and filtered in pairs, to vectors at every layer.
+
+    With --executor ray a local:same judge runs on the Ray workers too; see docs/scale.md for the backend options.
+    """
     from personaxis.datasets import parse_layers
     from personaxis.store import RunStore
-    from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_trait
+    from personaxis.traits.extraction import CAPTURES, ExtractSettings, Thresholds, extract_trait, extraction_layers
     from personaxis.traits.files import VECTORS, slug
 
     spec = _trait(trait, any_counts)
     _check_judge(judge)
+    backend_options.check()
     settings = ExtractSettings(
         samples=samples, max_new_tokens=max_tokens, temperature=temperature, seed=seed, questions=questions,
         pairs=pairs, batch_size=batch_size, thresholds=Thresholds(pos_min, neg_max, coherence_min),
@@ -143,7 +151,10 @@ def extract(
     )  # fmt: skip
     m = _load(model, dtype, device)
     store = RunStore(run or Path("runs/traits") / f"{spec.name}-{slug(m.name)}")
-    result = extract_trait(m, spec, _judge(judge, store, m, device), store, settings, parse_layers(layers, m.n_layers))
+    chosen = extraction_layers(m, parse_layers(layers, m.n_layers))
+    with backend_options.open(m, chosen, CAPTURES, batch_size) as backend:
+        judge_obj = judge_on(backend, judge, cache=store, model=m) or _judge(judge, store, m, device)
+        result = extract_trait(m, spec, judge_obj, store, settings, chosen, backend=backend)
     s = result.stats
     console.print(
         f"kept {s['kept']} of {s['pairs']} pairs (judge: {s['judge']['failed']} failed, {s['judge']['undefined']} "
