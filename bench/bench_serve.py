@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64, help="reply length in the throughput runs")
     parser.add_argument("--load-tokens", type=int, default=24, help="reply length in the load run")
     parser.add_argument("--per-client", type=int, default=4, help="requests per client in the throughput runs")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the 1/4/8-client runs")
     args = parser.parse_args()
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -172,15 +173,23 @@ def main() -> None:
     print(f"model {model.name} · {model.dtype} · {device}")
     try:
         asyncio.run(throughput(url, 1, 1, 8))  # warm-up
-        rates = {}
-        for clients in (1, 4, 8):
-            rate, ttfts = asyncio.run(throughput(url, clients, args.per_client, args.max_tokens))
-            rates[clients] = rate
-            print(f"{clients} streaming clients: {rate:8.1f} tok/s aggregate · "
-                  f"TTFT p50 {pct(ttfts, 50) * 1000:6.0f} ms, p95 {pct(ttfts, 95) * 1000:6.0f} ms")  # fmt: skip
-        print(
-            f"scaling: 4 clients {rates[4] / rates[1]:.2f}× · 8 clients {rates[8] / rates[1]:.2f}× of 1 (goal 8 ≥ 4×)"
-        )
+        # rounds of 1, 4 and 8 clients, interleaved, so that a slow spell of a shared machine hits every setting
+        rates: dict[int, list[float]] = {1: [], 4: [], 8: []}
+        ttfts: dict[int, list[float]] = {1: [], 4: [], 8: []}
+        for _ in range(args.rounds):
+            for clients in rates:
+                rate, times = asyncio.run(throughput(url, clients, args.per_client, args.max_tokens))
+                rates[clients].append(rate)
+                ttfts[clients] += times
+        for clients, values in rates.items():
+            print(f"{clients} streaming clients: {statistics.median(values):8.1f} tok/s aggregate (median of "
+                  f"{' / '.join(f'{v:.1f}' for v in values)}) · TTFT p50 {pct(ttfts[clients], 50) * 1000:6.0f} ms, "
+                  f"p95 {pct(ttfts[clients], 95) * 1000:6.0f} ms")  # fmt: skip
+        per_round = [eight / one for eight, one in zip(rates[8], rates[1], strict=True)]
+        median = {clients: statistics.median(values) for clients, values in rates.items()}
+        print(f"scaling (ratio of medians): 4 clients {median[4] / median[1]:.2f}× · 8 clients "
+              f"{median[8] / median[1]:.2f}× of 1 (goal 8 ≥ 4×); 8 vs 1 per round: "
+              f"{', '.join(f'{r:.2f}×' for r in per_round)}")  # fmt: skip
         if not args.n:
             return
         result = asyncio.run(load(url, model, args.n, args.concurrency, args.load_tokens))

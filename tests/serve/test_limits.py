@@ -116,10 +116,11 @@ def test_disconnect_stops_generation(model, artifacts):
                 if i > 10:
                     break
         deadline = time.monotonic() + 20
-        generated = app.state.metrics.registry.get_sample_value
-        while not generated("personaxis_generated_tokens_total") and time.monotonic() < deadline:
+        while app.state.worker.decoding and time.monotonic() < deadline:  # the row leaves at its next step
             time.sleep(0.05)
-        assert 0 < generated("personaxis_generated_tokens_total") < 1000
+        assert app.state.worker.decoding == 0
+        generated = app.state.metrics.registry.get_sample_value("personaxis_generated_tokens_total")
+        assert 0 < generated < 1000
         # and the worker is free again
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3}, timeout=30)
         assert r.status_code == 200

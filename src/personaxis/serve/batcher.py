@@ -65,6 +65,7 @@ class RunningBatch:
         self.mask = self.positions = self.logits = None  # [B, W] · [B] · [B, V], on the model's device
         self._scope: contextlib.ExitStack | None = None
         self._trace: Trace | None = None
+        self.outbox: list[tuple[Job, tuple]] = []  # (job, event) produced by the latest steps, for the worker to post
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,8 +109,8 @@ class RunningBatch:
 
     # -- decoding ----------------------------------------------------------------------------------------------------
 
-    def step(self, on_done: Callable[[Row, Generation], None]) -> int:
-        """Sample one token per row, run it, hand out tokens and finished rows; returns the tokens produced."""
+    def step(self) -> int:
+        """Sample one token per row and run it; tokens and finished replies go to `outbox`. Returns the tokens made."""
         settings = [row.job.sampling for row in self.rows]
         sampled = sample_next(self.logits, settings, [row.generator for row in self.rows], [True] * len(self.rows))
         produced = 0
@@ -125,8 +126,8 @@ class RunningBatch:
             if len(row.tokens) >= row.job.sampling.max_new_tokens:
                 row.finish = "length"
             if not row.monitored:  # nothing to read out: the token goes out now and a finished row needs no forward
-                row.job.emit("token", token, {})
-        self._retire(on_done, keep=lambda row: not row.finish or row.monitored and row.finish == "length")
+                self.outbox.append((row.job, ("token", token, {})))
+        self._retire(keep=lambda row: not row.finish or row.monitored and row.finish == "length")
         if not self.rows:
             return produced
         self._open()
@@ -144,8 +145,9 @@ class RunningBatch:
                 values = {name: latest[name][b] for name in row.job.plan.monitor}
                 for name, value in values.items():
                     row.projections.setdefault(name, []).append(value)
-                row.job.emit("token", row.tokens[-1], {name: float(v[0]) for name, v in values.items()})
-        self._retire(on_done, keep=lambda row: not row.finish)
+                event = ("token", row.tokens[-1], {name: float(v[0]) for name, v in values.items()})
+                self.outbox.append((row.job, event))
+        self._retire(keep=lambda row: not row.finish)
         return produced
 
     def fail(self, message: str) -> None:
@@ -154,8 +156,7 @@ class RunningBatch:
             with contextlib.suppress(Exception):
                 self._scope.close()
         self._scope, self._trace = None, None
-        for row in self.rows:
-            row.job.emit("error", message)
+        self.outbox += [(row.job, ("error", message)) for row in self.rows]
         self.rows, self.cache, self.mask, self.positions, self.logits = [], None, None, None, None
 
     def close(self) -> None:
@@ -185,14 +186,14 @@ class RunningBatch:
         self._scope.close()
         self._scope, self._trace = None, None
 
-    def _retire(self, on_done: Callable[[Row, Generation], None], keep: Callable[[Row], bool]) -> None:
+    def _retire(self, keep: Callable[[Row], bool]) -> None:
         kept = [b for b, row in enumerate(self.rows) if keep(row)]
         if len(kept) == len(self.rows):
             return
         self._close()
         for row in self.rows:
             if not keep(row):
-                on_done(row, self._generation(row))
+                self.outbox.append((row.job, ("done", self._generation(row))))
         if not kept:
             self.rows, self.cache, self.mask, self.positions, self.logits = [], None, None, None, None
             return

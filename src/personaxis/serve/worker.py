@@ -21,7 +21,7 @@ import torch
 
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
-from personaxis.serve.batcher import Row, RunningBatch, spliceable
+from personaxis.serve.batcher import RunningBatch, spliceable
 from personaxis.serve.plan import Plan, Registry
 
 
@@ -42,10 +42,26 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
     def emit(self, *event: Any) -> None:
+        post([(self, event)])
+
+
+def post(events: list[tuple[Job, tuple]]) -> None:
+    """Hand events to their jobs' event loops with one wake-up per loop, not one per token: on a small CPU each
+    wake-up of the serving thread takes a core from the model's threads."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job.loop, []).append((job, event))
+    for loop, items in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            loop.call_soon_threadsafe(_put, items)
         except RuntimeError:  # the loop is gone: nobody is listening any more
-            self.cancelled = True
+            for job, _ in items:
+                job.cancelled = True
+
+
+def _put(items: list[tuple[Job, tuple]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 class Worker:
@@ -68,6 +84,7 @@ class Worker:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="personaxis-worker", daemon=True)
         self.continuous = self._can_splice()
+        self._decoding = 0
 
     def _can_splice(self) -> bool:
         """Whether this model's KV cache can take rows joining and leaving (probed with a one-token forward)."""
@@ -89,6 +106,11 @@ class Worker:
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def decoding(self) -> int:
+        """Requests in the running batch."""
+        return self._decoding
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -130,18 +152,19 @@ class Worker:
                     self._step(batch)
         finally:
             batch.fail("the server is shutting down")
+            post(batch.outbox)
 
     def _step(self, batch: RunningBatch) -> None:
-        def done(row: Row, generation: Generation) -> None:
-            row.job.emit("done", generation)
-
         rows, started = len(batch), time.perf_counter()
         try:
-            produced = batch.step(done)
+            produced = batch.step()
         except Exception as exc:  # a failed step must not kill the worker: every running request gets the error
             batch.fail(f"generation failed: {exc}")
-            return
-        if self.on_batch is not None:
+            produced = 0
+        post(batch.outbox)
+        batch.outbox = []
+        self._decoding = len(batch)
+        if self.on_batch is not None and produced:
             self.on_batch(rows, produced, time.perf_counter() - started)
 
     def _batch(self, jobs: list[Job]) -> None:
@@ -162,7 +185,7 @@ class Worker:
             job.emit("token", token, values)
             return not job.cancelled
 
-        started = time.perf_counter()
+        started, self._decoding = time.perf_counter(), len(jobs)
         try:
             generations: list[Generation] = generate_batch(
                 self.model,
@@ -175,6 +198,8 @@ class Worker:
             for job in jobs:
                 job.emit("error", f"generation failed: {exc}")
             return
+        finally:
+            self._decoding = 0
         elapsed = time.perf_counter() - started
         for job, generation in zip(jobs, generations, strict=True):
             job.emit("done", generation)
