@@ -1,6 +1,7 @@
 """Serving benchmark: throughput with 1, 4 and 8 streaming clients, time to first token, and a mixed-load run.
 
-Everything runs on loopback against an in-process server. The load run sends N greedy requests from 16 concurrent
+The server runs in its own process on loopback, as it does in production (clients never share its interpreter, its
+GIL or its event loop); the clients run here. The load run sends N greedy requests from 16 concurrent
 clients, each with one of a few intervention mixes (none, steering, a cap, both), and compares every reply with the
 same request served alone: dynamic batching must not change a single token.
 
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import platform
 import socket
 import statistics
-import threading
 import time
+from multiprocessing.connection import Connection
 
 import httpx
 import torch
@@ -48,8 +50,8 @@ def synthetic(model) -> tuple[Vectors, CapConfig]:
     return vec, CapConfig.from_vectors(vec, {i: 2.0 for i in window}, name="r1")
 
 
-def mixes(model) -> list[dict]:
-    mid = model.n_layers // 2
+def mixes(n_layers: int) -> list[dict]:
+    mid = n_layers // 2
     return [
         {},
         {"steer": [{"vector": "bench:r1", "layer": mid, "coef": 6.0, "units": "raw"}]},
@@ -58,15 +60,34 @@ def mixes(model) -> list[dict]:
     ]
 
 
-def start(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+def serve(args: argparse.Namespace, port: int, info: Connection) -> None:
+    """The server process: load the model, send what the report needs, serve until terminated."""
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    vectors, cap = synthetic(model)
+    app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16))
+    device = (
+        torch.cuda.get_device_name()
+        if model.device.type == "cuda"
+        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+    )
+    info.send({"name": model.name, "dtype": str(model.dtype), "device": device, "n_layers": model.n_layers})
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def start(args: argparse.Namespace) -> tuple[multiprocessing.Process, str, dict]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mine, theirs = multiprocessing.Pipe()
+    process = multiprocessing.get_context("spawn").Process(target=serve, args=(args, port, theirs), daemon=True)
+    process.start()
+    info, url = mine.recv(), f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return process, url, info
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 async def stream_once(client: httpx.AsyncClient, body: dict) -> tuple[int, float, str]:
@@ -107,8 +128,8 @@ async def throughput(url: str, clients: int, per_client: int, max_tokens: int) -
     return sum(n for n, _ in results) / wall, [t for _, t in results]
 
 
-async def load(url: str, model, n: int, concurrency: int, max_tokens: int) -> dict:
-    specs = [(q, m) for q in QUESTIONS for m in mixes(model)]
+async def load(url: str, n_layers: int, n: int, concurrency: int, max_tokens: int) -> dict:
+    specs = [(q, m) for q in QUESTIONS for m in mixes(n_layers)]
 
     def body(i: int) -> dict:
         q, mix = specs[i % len(specs)]
@@ -161,16 +182,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the 1/4/8-client runs")
     args = parser.parse_args()
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    vectors, cap = synthetic(model)
-    app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16))
-    server, thread, url = start(app)
-    device = (
-        torch.cuda.get_device_name()
-        if model.device.type == "cuda"
-        else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
-    )
-    print(f"model {model.name} · {model.dtype} · {device}")
+    server, url, info = start(args)
+    print(f"model {info['name']} · {info['dtype']} · {info['device']} · server in its own process")
     try:
         asyncio.run(throughput(url, 1, 1, 8))  # warm-up
         # rounds of 1, 4 and 8 clients, interleaved, so that a slow spell of a shared machine hits every setting
@@ -192,15 +205,15 @@ def main() -> None:
               f"{', '.join(f'{r:.2f}×' for r in per_round)}")  # fmt: skip
         if not args.n:
             return
-        result = asyncio.run(load(url, model, args.n, args.concurrency, args.load_tokens))
+        result = asyncio.run(load(url, info["n_layers"], args.n, args.concurrency, args.load_tokens))
         print(f"load: {result['n']} greedy requests, {args.concurrency} concurrent, mixed interventions, "
               f"{args.load_tokens} tokens: {result['errors']} errors, {result['differ']} differ from the same request "
               f"alone · {result['wall']:.1f} s ({result['n'] / result['wall']:.1f} req/s)")  # fmt: skip
         if result["first_error"]:
             print("first error:", result["first_error"][0])
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.terminate()
+        server.join(timeout=30)
 
 
 if __name__ == "__main__":

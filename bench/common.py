@@ -78,3 +78,21 @@ def interleaved(methods: dict[str, Callable[[], object]], device: str, repeats: 
         for name, fn in methods.items():
             times[name].append(timed(fn, device))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def paired_ratios(
+    base: Callable[[], object], variants: dict[str, Callable[[], object]], device: str, repeats: int
+) -> dict[str, list[float]]:
+    """Per repeat, each variant's time over the base's, measured back to back (order reversed every other repeat,
+    so a drift of the machine's speed cancels): a small overhead survives noise that swamps absolute times."""
+    base()
+    for fn in variants.values():  # warm-up
+        fn()
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(repeats):
+        for name, fn in variants.items():
+            pair = [base, fn] if r % 2 == 0 else [fn, base]
+            first, second = (timed(f, device) for f in pair)
+            t_base, t_variant = (first, second) if r % 2 == 0 else (second, first)
+            ratios[name].append(t_variant / t_base)
+    return ratios

@@ -16,3 +16,13 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def tiny(tokenizer) -> ChatModel:
     """A 4-block random Llama in float32 with a ChatML template."""
     return ChatModel(model=tiny_llama(len(tokenizer)), tokenizer=tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved to a folder, as users hand models to the commands."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,11 +1,8 @@
-"""Shared pieces of the axis tests: a judge with scripted answers and a CLI runner with the axis commands."""
+"""Shared pieces of the axis tests: a judge with scripted answers."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-
-import typer
 
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution
@@ -39,23 +36,3 @@ class FakeJudge(Judge):
 def role_of(prompt: str) -> str:
     """The role named in a role-adoption judge prompt ("Role: pirate")."""
     return prompt.split("Role: ", 1)[1].split("\n", 1)[0]
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the main entry point with the axis commands registered as the lead registers them."""
-    import personaxis.cli as cli
-    from personaxis.axis.cli import axis_app, cap_app, register
-
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-    app.add_typer(axis_app, name="axis")
-    app.add_typer(cap_app, name="cap")
-    register(app)
-    monkeypatch.setattr(cli, "app", app)
-    monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from axis.axis_helpers import run_cli
-from tiny import build_tokenizer, tiny_llama
+from cli_runner import invoke as run_cli
 
 from personaxis.axis.library import load_roles
 from personaxis.vectors import CapConfig, Vectors
@@ -17,15 +16,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 class _NoCapture:

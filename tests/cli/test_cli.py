@@ -1,16 +1,13 @@
 """The CLI end to end on a tiny model saved to a local folder (the real loading path), and its bad-input answers."""
 
 import json
-import sys
 
-import pytest
 import torch
+from cli_runner import invoke as run
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tiny import build_tokenizer, tiny_llama
 
 from personaxis.capture import encode_means
-from personaxis.cli import main
 from personaxis.model import load_model
 from personaxis.vectors import Vectors, import_gguf
 
@@ -22,29 +19,9 @@ CHATS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def write_jsonl(path, chats):
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     return path
-
-
-def run(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_info(monkeypatch, capsys, folder):

@@ -2,12 +2,12 @@
 only while it trains, the saved adapter, and the command's bad-input answers."""
 
 import json
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import build_tokenizer, tiny_llama
+from cli_runner import invoke as run_cli
+from tiny import tiny_llama
 
 from personaxis.engine import Ablate, Add
 from personaxis.errors import PersonaxisError
@@ -140,34 +140,6 @@ def test_finetune_embedded_model_briefly(tmp_path):
 
 
 # -- the commands, through the real CLI entry point ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def run_cli(monkeypatch, capsys, *args):
-    import typer
-
-    import personaxis.cli
-    from personaxis.finetune import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    monkeypatch.setattr(personaxis.cli, "app", app)
-    monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
-    code = 0
-    try:
-        personaxis.cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def evil_vectors(tmp_path, hidden=64, layers=(0, 1, 2, 3)):

@@ -1,11 +1,10 @@
 """Data screening: ΔP against a slow reference, resuming through the run store, and the command's bad-input answers."""
 
 import json
-import sys
 
 import pytest
 import torch
-from tiny import build_tokenizer, tiny_llama
+from cli_runner import invoke as run_cli
 
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, stop_token_ids
@@ -171,35 +170,6 @@ def test_check_output(tmp_path):
 
 
 # -- the command, through the real CLI entry point, on a tiny model saved to a folder ----------------------------
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def run_cli(monkeypatch, capsys, *args):
-    import typer
-
-    import personaxis.cli
-    from personaxis.screening import register
-
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    register(app)
-    app.command("noop", hidden=True)(lambda: None)  # a second command keeps `screen` a subcommand
-    monkeypatch.setattr(personaxis.cli, "app", app)
-    monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
-    code = 0
-    try:
-        personaxis.cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_jsonl(path, chats):

@@ -25,12 +25,9 @@ def _serve(*args: str) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def test_the_serve_command_answers_the_sdk_and_stops_on_interrupt(tiny, tmp_path):
+def test_the_serve_command_answers_the_sdk_and_stops_on_interrupt(folder):
     from openai import OpenAI
 
-    folder = tmp_path / "model"
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
     port = _free_port()
     server = _serve("--model", str(folder), "--port", str(port), "--max-tokens", "8", "--max-batch", "2")
     try:

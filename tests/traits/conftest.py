@@ -1,5 +1,6 @@
 """Fixtures for the trait pipeline: a small trait, deterministic fake judges, and a fake OpenAI-compatible server."""
 
+import functools
 import hashlib
 import json
 import math
@@ -7,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cli_runner import invoke
 
 from personaxis.judge import Distribution, Judge
 from personaxis.traits.library import parse_trait
@@ -128,26 +130,5 @@ def fake_openai():
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """Run `personaxis ARGS...` through the real entry point, with the trait commands registered; (code, out, err)."""
-    import sys
-
-    import typer
-
-    import personaxis.cli
-    from personaxis.traits.cli import register
-
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-    register(app)
-    monkeypatch.setattr(personaxis.cli, "app", app)
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
-        code = 0
-        try:
-            personaxis.cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
+    """Run `personaxis ARGS...` through the real entry point; (code, out, err)."""
+    return functools.partial(invoke, monkeypatch, capsys)

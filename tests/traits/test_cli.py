@@ -3,19 +3,9 @@
 import json
 
 import pytest
-from tiny import build_tokenizer, tiny_llama
 
 from personaxis.traits import files
 from personaxis.vectors import Vectors
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = build_tokenizer()
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, tmp_path):
