@@ -96,7 +96,11 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p")],
     system: Annotated[str | None, typer.Option("--system", "-s")] = None,
     steer: Annotated[
-        list[str] | None, typer.Option(help="FILE:LAYER:COEF (LAYER may be a:b or i,j); repeatable")
+        list[str] | None,
+        typer.Option(
+            help="FILE:LAYER:COEF (LAYER may be a:b or i,j), or FILE alone for a calibrated trait's own layer and "
+            "strength; repeatable"
+        ),
     ] = None,
     units: Annotated[str, typer.Option(help="steering units: raw (c·v) or relative (c·mean_norm·v̂)")] = "raw",
     cap: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
@@ -110,6 +114,7 @@ def generate(
     from personaxis.datasets import parse_layers
     from personaxis.generate import Sampling, generate_batch, prompt_ids
     from personaxis.steering import cap_op, project_op, steer_op
+    from personaxis.traits.steer import trait_steer_op
     from personaxis.vectors import CapConfig, Vectors
 
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -121,7 +126,10 @@ def generate(
     ops = []
     for vectors, layer_spec, coef in loaded:
         vectors.validate(m)
-        ops.append(steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=units))
+        if layer_spec is None:  # the strength `trait calibrate` chose, in the units it chose them
+            ops.append(trait_steer_op(vectors))
+        else:
+            ops.append(steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=units))
     if capping is not None:
         capping.validate(m)
         ops.append(cap_op(capping))
@@ -138,11 +146,15 @@ def generate(
         err.print(f"[dim]projection '{name}': mean {per_token.nanmean():.3f} over {len(per_token)} reply tokens[/dim]")
 
 
-def _parse_steer(spec: str) -> tuple[Path, str, float]:
+def _parse_steer(spec: str) -> tuple[Path, str | None, float | None]:
+    if ":" not in spec and spec.endswith(".safetensors"):
+        return Path(spec), None, None
     path, sep1, rest = spec.rpartition(":")
     file, sep2, layer = path.rpartition(":")
     if not (sep1 and sep2 and file and layer):
-        raise PersonaxisError(f"bad --steer {spec!r}: use FILE:LAYER:COEF, e.g. evil.safetensors:20:2.0")
+        raise PersonaxisError(
+            f"bad --steer {spec!r}: use FILE:LAYER:COEF (e.g. evil.safetensors:20:2.0) or a calibrated FILE.safetensors"
+        )
     try:
         coef = float(rest)
     except ValueError:

@@ -124,6 +124,24 @@ def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_generate_steers_a_calibrated_trait_by_its_file_alone(monkeypatch, capsys, folder, tmp_path):
+    """`--steer FILE` uses the layer and strength `trait calibrate` stored; a file without them is refused."""
+    torch.manual_seed(0)
+    meta = _meta()
+    meta.mean_norms = {0: 4.0, 1: 5.0, 2: 6.0, 3: 7.0}
+    plain = Vectors(range(4), {"evil": torch.randn(4, 64)}, meta).save(tmp_path / "plain.safetensors")
+    meta.extra = {"calibration": {"choice": {"layer": 2, "coef": 1.5, "units": "relative"}}}
+    calibrated = Vectors(range(4), {"evil": torch.randn(4, 64)}, meta).save(tmp_path / "evil.safetensors")
+    base = ["generate", "-m", folder, "-p", "Hello", "--max-tokens", "8", "--dtype", "float32"]
+    code, alone, err = run(monkeypatch, capsys, *base, "--steer", calibrated)
+    assert code == 0, err
+    explicit = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:1.5", "--units", "relative")[1]
+    unsteered = run(monkeypatch, capsys, *base)[1]
+    assert alone == explicit != unsteered
+    code, _, err = run(monkeypatch, capsys, *base, "--steer", plain)
+    assert code == 2 and "no calibration" in err and err.strip().count("\n") == 0
+
+
 def _meta(hidden: int = 64):
     from personaxis.vectors import VectorMeta
 
