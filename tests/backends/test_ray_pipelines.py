@@ -4,8 +4,8 @@ and a local-model judge sharded over the actors gives the local judge's answers.
 import time
 
 import pytest
-from axis.axis_helpers import run_cli
 from backends.helpers import threads
+from cli_runner import invoke as run_cli
 
 from personaxis.backends import RayBackend, RayJudge
 from personaxis.errors import PersonaxisError
