@@ -8,6 +8,7 @@ same request served alone: dynamic batching must not change a single token.
 The steering directions here are seeded random unit directions (the bench needs interventions, not meaningful ones).
 
     python bench/bench_serve.py [--model default] [--n 1000] [--max-tokens 64]
+    python bench/bench_serve.py --model random:qwen2-7b --device cuda --dtype bfloat16 --n 0   # GPU, random weights
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from multiprocessing.connection import Connection
 import httpx
 import torch
 import uvicorn
+from common import RANDOM_CONFIGS, bench_model
 
-from personaxis.model import load_model
 from personaxis.serve import Limits, create_app
 from personaxis.vectors.artifact import VectorMeta, Vectors
 from personaxis.vectors.cap import CapConfig
@@ -62,15 +63,16 @@ def mixes(n_layers: int) -> list[dict]:
 
 def serve(args: argparse.Namespace, port: int, info: Connection) -> None:
     """The server process: load the model, send what the report needs, serve until terminated."""
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = bench_model(args.model, device, getattr(torch, args.dtype))
     vectors, cap = synthetic(model)
     app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16))
-    device = (
+    where = (
         torch.cuda.get_device_name()
         if model.device.type == "cuda"
         else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
     )
-    info.send({"name": model.name, "dtype": str(model.dtype), "device": device, "n_layers": model.n_layers})
+    info.send({"name": model.name, "dtype": str(model.dtype), "device": where, "n_layers": model.n_layers})
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -171,7 +173,8 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
+    randoms = ", ".join(RANDOM_CONFIGS)
+    parser.add_argument("--model", default="default", help=f"a model spec, or random weights: {randoms}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="float32", help="float32 keeps greedy replies independent of batch shape")
     parser.add_argument("--n", type=int, default=1000, help="requests in the load run (0: skip it)")
