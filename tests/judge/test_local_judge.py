@@ -222,3 +222,25 @@ def test_cache_skips_the_model(tmp_path):
     second = second_judge.score(PROMPTS)
     assert len(calls) == n and second_judge.stats.cache_hits == len(PROMPTS)
     assert [r.value for r in second] == pytest.approx([r.value for r in first])
+
+
+def test_deeper_levels_run_only_the_answer_tokens_on_the_kept_prompt():
+    """The prompt is encoded once; later tree levels feed just the answer tokens, with the same result as
+    re-encoding prompt + answer every time."""
+    model = tiny_llama(len(DIGITS), seed=3)
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        kept = LocalJudge(model, DIGITS, prune=0.0, min_mass=0.0).number_probs(PROMPTS)
+    finally:
+        handle.remove()
+    longest = max(len(LocalJudge(model, DIGITS).prompt_ids(p)) for p in PROMPTS)
+    first_pass = [w for w in widths if w > 3]
+    assert first_pass and max(first_pass) == longest and all(w <= 3 for w in widths[len(first_pass) :])
+    assert len(widths) > len(first_pass)  # the tree did go deeper
+    encoded = LocalJudge(model, DIGITS, prune=0.0, min_mass=0.0)
+    encoded._reuse = False
+    for a, b in zip(kept, encoded.number_probs(PROMPTS), strict=True):
+        assert set(a.probs) == set(b.probs)
+        for k in a.probs:
+            assert a.probs[k] == pytest.approx(b.probs[k], rel=1e-4, abs=1e-9), k  # float32 rounding

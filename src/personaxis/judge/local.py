@@ -17,6 +17,8 @@ Two rules keep it cheap, and say exactly what is computed:
   ``100 · prune / mass``, so the default 1e-4 keeps the error under a point even with dozens of pruned prefixes, while
   only the few prefixes the judge actually considers get expanded. `prune=0` expands every extendable prefix.
 With a tokenizer that has every number as one token and a confident judge, nothing gets expanded beyond the first pass.
+The prompt is encoded once: its keys and values are kept from the first pass and every deeper level runs only the
+answer tokens on top of them (for models whose KV cache is plain tensors; others re-encode prompt and answer).
 A token such as "5." or "5x" that starts with a digit but is not all digits neither counts nor ends a number.
 """
 
@@ -32,6 +34,7 @@ import torch
 
 from personaxis.judge.base import Judge
 from personaxis.judge.scoring import MIN_MASS, Distribution, parse_integer
+from personaxis.model.cache import row_kv, spliceable, stack_rows
 from personaxis.store import RunStore
 
 
@@ -111,7 +114,8 @@ class LocalJudge(Judge):
         self._vocab = _Vocab.of(tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
-        self._takes = {p for p in ("position_ids", "logits_to_keep", "use_cache") if p in params}
+        self._takes = {p for p in ("position_ids", "logits_to_keep", "use_cache", "past_key_values") if p in params}
+        self._reuse = {"position_ids", "use_cache", "past_key_values"} <= self._takes  # until a cache says otherwise
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The judge prompt as the model sees it: one user turn, then the start of the assistant's reply."""
@@ -138,8 +142,15 @@ class LocalJudge(Judge):
         found: list[defaultdict[int, float]] = [defaultdict(float) for _ in prompts]
         raw: list[str | None] = [None] * len(prompts)
         frontier = [_Node(row, (), "", 1.0) for row in range(len(prompts))]
+        kept: dict[int, list] = {}  # prompt row -> its keys and values, from the first pass
         while frontier:
-            dists = self._next_token_probs([starts[n.row] + list(n.ids) for n in frontier])
+            if not frontier[0].ids:
+                dists = self._next_token_probs(starts, keep=kept if self._reuse else None)
+            elif len(kept) == len(starts):
+                dists = self._answer_probs([kept[n.row] for n in frontier], [len(starts[n.row]) for n in frontier],
+                                           [n.ids for n in frontier])  # fmt: skip
+            else:
+                dists = self._next_token_probs([starts[n.row] + list(n.ids) for n in frontier])
             grown: list[_Node] = []
             for node, p in zip(frontier, dists, strict=True):
                 if not node.ids:
@@ -168,11 +179,39 @@ class LocalJudge(Judge):
         return [Distribution(dict(f), r) for f, r in zip(found, raw, strict=True)]
 
     @torch.inference_mode()
-    def _next_token_probs(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _answer_probs(
+        self, prompt_kv: list[list], prompt_lens: list[int], answers: list[tuple[int, ...]]
+    ) -> torch.Tensor:
+        """Next-token probabilities after prompt + answer tokens, running only the answers on the prompts' kept
+        keys and values (every answer of one tree level has the same length). [len(answers), vocab], float64, CPU."""
+        device = getattr(self.model, "device", None) or next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(answers), self.batch_size):
+            chunk = range(start, min(start + self.batch_size, len(answers)))
+            width, steps = max(prompt_lens[i] for i in chunk), len(answers[start])
+            mask = torch.zeros(len(chunk), width + steps, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                mask[r, width - prompt_lens[i] :] = 1
+            positions = torch.tensor([[prompt_lens[i] + k for k in range(steps)] for i in chunk])
+            kwargs: dict[str, Any] = {
+                "input_ids": torch.tensor([answers[i] for i in chunk]).to(device),
+                "attention_mask": mask.to(device),
+                "position_ids": positions.to(device),
+                "past_key_values": stack_rows([prompt_kv[i] for i in chunk]),
+                "use_cache": True,
+            }
+            if "logits_to_keep" in self._takes:
+                kwargs["logits_to_keep"] = 1
+            out.append(self.model(**kwargs).logits[:, -1].float().softmax(-1).double().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def _next_token_probs(self, seqs: list[list[int]], keep: dict[int, list] | None = None) -> torch.Tensor:
         """Next-token probabilities after each sequence, [len(seqs), vocab], float64 on the CPU.
 
         Sequences are batched by length. With `position_ids` support they are left-padded (positions counted from
         each row's first real token), so only the last position's logits are needed; otherwise right-padded.
+        `keep` (left padding only) receives each sequence's keys and values, by index, when the cache allows it.
         """
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
@@ -193,8 +232,15 @@ class LocalJudge(Judge):
                 if "logits_to_keep" in self._takes:
                     kwargs["logits_to_keep"] = 1
             if "use_cache" in self._takes:
-                kwargs["use_cache"] = False
-            logits = self.model(**kwargs).logits
+                kwargs["use_cache"] = keep is not None and left
+            result = self.model(**kwargs)
+            if kwargs.get("use_cache"):
+                if spliceable(result.past_key_values):
+                    keep.update({i: row_kv(result.past_key_values, r, len(seqs[i])) for r, i in enumerate(rows)})
+                else:  # sliding windows or recurrent state: re-encode the prompts instead
+                    self._reuse = False
+                    keep = None
+            logits = result.logits
             last = logits[:, -1] if left else logits[torch.arange(len(rows)), mask.sum(-1).to(logits.device) - 1]
             probs = last.float().softmax(-1).double().cpu()
             for r, i in enumerate(rows):

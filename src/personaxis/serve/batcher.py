@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from personaxis.engine import Op, Trace
 from personaxis.generate import Generation, accepts, sample_next, stop_token_ids
@@ -30,11 +30,6 @@ from personaxis.serve.plan import Registry
 if TYPE_CHECKING:
     from personaxis.generate import Sampling
     from personaxis.serve.worker import Job
-
-
-def spliceable(cache: object) -> bool:
-    """Whether rows of this KV cache can be padded, appended and dropped as plain tensors."""
-    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 @dataclass(eq=False)

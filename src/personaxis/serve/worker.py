@@ -21,7 +21,8 @@ import torch
 
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
-from personaxis.serve.batcher import RunningBatch, spliceable
+from personaxis.model.cache import spliceable
+from personaxis.serve.batcher import RunningBatch
 from personaxis.serve.plan import Plan, Registry
 
 

@@ -1,0 +1,37 @@
+"""KV caches handled as plain tensors: which caches allow it, and building one from per-row pieces.
+
+The server splices requests into a running batch and the local judge reuses a prompt's keys and values for every
+answer it expands; both need caches whose layers are plain growing key/value tensors [batch, heads, seq, dim].
+Sliding-window and recurrent layers keep other state, so those caches are left to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def spliceable(cache: object) -> bool:
+    """Whether this cache's rows can be padded, appended, selected and dropped as plain tensors."""
+    return isinstance(cache, DynamicCache) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def row_kv(cache: DynamicCache, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row `row`'s keys and values for its last `length` positions (its real tokens under left padding)."""
+    return [
+        (layer.keys[row : row + 1, :, -length:], layer.values[row : row + 1, :, -length:]) for layer in cache.layers
+    ]
+
+
+def stack_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> DynamicCache:
+    """One cache holding these rows, each left-padded with zeros to the longest (mask the padding)."""
+    width = max(kv[0][0].shape[2] for kv in rows)
+    layers = []
+    for layer in range(len(rows[0])):
+        keys = [F.pad(kv[layer][0], (0, 0, width - kv[layer][0].shape[2], 0)) for kv in rows]
+        values = [F.pad(kv[layer][1], (0, 0, width - kv[layer][1].shape[2], 0)) for kv in rows]
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(layers)
