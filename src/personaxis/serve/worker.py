@@ -4,7 +4,7 @@ Continuous batching: between two decode steps the worker lets every waiting requ
 join the running batch and drops the finished ones (`serve.batcher`). Each request carries its interventions as
 per-row engine ops, so one request's steering never touches another's tokens. For models whose KV cache cannot be
 spliced (sliding-window or recurrent layers) a batch takes whatever is waiting when it starts and runs to its end.
-Results travel back to the event loop through `call_soon_threadsafe`, token by token.
+Tokens travel back to the event loop through `call_soon_threadsafe`, all of one decode step in one wake-up.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ class Worker:
 
     def _can_splice(self) -> bool:
         """Whether this model's KV cache can take rows joining and leaving (probed with a one-token forward)."""
-        token = self.model.tokenizer.bos_token_id
-        token = token if token is not None else self.model.tokenizer.pad_token_id
+        tokenizer = self.model.tokenizer
+        token = next((t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None), 0)
         with torch.inference_mode():
-            out = self.model.model(input_ids=torch.tensor([[token or 0]], device=self.model.device), use_cache=True)
+            out = self.model.model(input_ids=torch.tensor([[token]], device=self.model.device), use_cache=True)
         return spliceable(out.past_key_values)
 
     def start(self) -> None:
