@@ -35,3 +35,18 @@ def stack_rows(rows: Sequence[list[tuple[torch.Tensor, torch.Tensor]]]) -> Dynam
         values = [F.pad(kv[layer][1], (0, 0, width - kv[layer][1].shape[2], 0)) for kv in rows]
         layers.append((torch.cat(keys), torch.cat(values)))
     return DynamicCache(layers)
+
+
+def append_rows(cache: DynamicCache, other: DynamicCache) -> None:
+    """Append `other`'s rows to `cache` in place, left-padding the shorter of the two with zeros (mask the padding)."""
+    width = max(cache.get_seq_length(), other.get_seq_length())
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        old, new = width - mine.keys.shape[2], width - theirs.keys.shape[2]
+        mine.keys = torch.cat([F.pad(mine.keys, (0, 0, old, 0)), F.pad(theirs.keys, (0, 0, new, 0))])
+        mine.values = torch.cat([F.pad(mine.values, (0, 0, old, 0)), F.pad(theirs.values, (0, 0, new, 0))])
+
+
+def drop_left(cache: DynamicCache, columns: int) -> None:
+    """Remove the first `columns` positions of every row in place (columns that are padding in all rows)."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]

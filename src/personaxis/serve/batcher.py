@@ -6,9 +6,9 @@ and columns that are padding in every row are trimmed. Positions are absolute pe
 row's tokens do not depend on who shares its batch (up to float rounding of different matmul shapes).
 
 Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch changes; between changes one
-`engine.apply` stays open across decode steps. This splicing needs caches made of plain growing key/value tensors;
-`spliceable` says whether a model's cache is one (sliding-window and recurrent caches are not), and the worker falls
-back to batches that start and finish together for the others.
+`engine.apply` stays open across decode steps. This splicing needs caches made of plain growing key/value tensors
+(`model.cache.spliceable`; sliding-window and recurrent caches are not), and the worker falls back to batches that
+start and finish together for the others.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache
 from personaxis.engine import Op, Trace
 from personaxis.generate import Generation, accepts, sample_next, stop_token_ids
 from personaxis.model import ChatModel
+from personaxis.model.cache import append_rows, drop_left
 from personaxis.serve.plan import Registry
 
 if TYPE_CHECKING:
@@ -94,9 +95,7 @@ class RunningBatch:
             return
         width = max(self.mask.shape[1], mask.shape[1])
         old, new = width - self.mask.shape[1], width - mask.shape[1]
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, old, 0)), F.pad(theirs.keys, (0, 0, new, 0))])
-            mine.values = torch.cat([F.pad(mine.values, (0, 0, old, 0)), F.pad(theirs.values, (0, 0, new, 0))])
+        append_rows(self.cache, cache)
         self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(mask, (new, 0))])
         self.positions = torch.cat([self.positions, positions])
         self.logits = torch.cat([self.logits, logits])
@@ -199,8 +198,7 @@ class RunningBatch:
         first = int(self.mask.any(dim=0).int().argmax())  # columns left of it are padding in every row
         if first > 0:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            drop_left(self.cache, first)
 
     def _generation(self, row: Row) -> Generation:
         projections = {
