@@ -58,9 +58,12 @@ def _batched_means(
         mask[b, width - len(chat) :] = 1
         w[b, width - len(chat) :] = weight
     device = model.device
-    with torch.inference_mode(), model.engine.apply([Record("means", layers, weights=w)]) as trace:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device))
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        trace = model.engine.read(
+            [Record("means", layers, weights=w)],
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+        )  # fmt: skip
     return trace.means("means", on_device=True)
 
 
@@ -168,9 +171,11 @@ def residual_norms(
         weights = mask.float()
         weights[torch.arange(len(encoded)), width - torch.tensor([len(e) for e in encoded])] = 0
         record = Record("norms", layers, weights=weights[..., None], stat="norm")
-        with torch.inference_mode(), model.engine.apply([record]) as trace:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
-            model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+        with torch.inference_mode():
+            trace = model.engine.read(
+                [record], input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions
+            )
         counts = trace.counts("norms")[:, 0]
         total += (trace.means("norms")[:, 0] * counts[:, None]).sum(dim=0)
         count += float(counts.sum())

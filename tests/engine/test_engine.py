@@ -146,6 +146,28 @@ def test_record_streaming_means_and_norms(tiny, ids):
     assert trace.counts("m").tolist() == [[3.0, 2.0], [3.0, 2.0]]
 
 
+def test_read_stops_after_the_deepest_readout_and_equals_a_full_forward(tiny, ids):
+    layer, v = 1, torch.randn(H)
+    cap = Cap({layer: v, 3: v}, floor=0.0)  # the cap at 3 lies above the readout: it cannot change layer 1
+    ops = [cap, per_token_record(layer, *ids.shape), Project("p", {0: v})]
+    with torch.no_grad(), tiny.engine.apply(ops) as full:
+        tiny.model.model(input_ids=ids)
+    ran = []
+    spies = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny.blocks)]
+    try:
+        with torch.no_grad():
+            read = tiny.engine.read(ops, input_ids=ids)
+    finally:
+        for spy in spies:
+            spy.remove()
+    assert ran == [0, 1]
+    assert torch.equal(read.means("tokens"), full.means("tokens"))
+    assert torch.equal(read.projections("p"), full.projections("p"))
+    assert len(hidden_states(tiny, ids)) == tiny.n_layers + 1  # the stop is gone: the model runs whole again
+    with pytest.raises(PersonaxisError, match="record or project"):
+        tiny.engine.read([cap], input_ids=ids)
+
+
 def test_bad_ops_are_refused(tiny):
     with pytest.raises(PersonaxisError, match="out of range"):
         with tiny.engine.apply([Add({9: torch.randn(H)})]):

@@ -306,11 +306,9 @@ def capped_turn_projections(
     is_reply = rendered.mask(Label.ASSISTANT)
     weights = torch.stack([(is_reply & (rendered.message_index == i)).float() for i in assistant], dim=-1)
     ids = rendered.input_ids[None].to(model.device)
-    with (
-        torch.inference_mode(),
-        model.engine.apply([cap_op(cap), Record("turns", [layer], weights=weights[None])]) as trace,
-    ):
-        model.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        ops = [cap_op(cap), Record("turns", [layer], weights=weights[None])]
+        trace = model.engine.read(ops, input_ids=ids, attention_mask=torch.ones_like(ids))
     means = trace.means("turns")[0, :, 0]  # [turns, H], NaN for an empty turn
     values = (means.float() @ unit.float()).tolist()
     return [v if v == v else None for v in values]

@@ -102,6 +102,10 @@ class Trace:
         return self._records[name]
 
 
+class _ReadoutsDone(Exception):
+    """Raised after the deepest block a readout needs, to end a forward pass early (caught in `Engine.read`)."""
+
+
 def _unwrap(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -159,6 +163,28 @@ class Engine:
             for handle in handles:
                 handle.remove()
             self._active = False
+
+    def read(self, ops: Sequence[Op], **inputs: Any) -> Trace:
+        """One forward pass (no KV cache) for the readouts of `ops`; returns the trace.
+
+        The pass stops after the deepest block a readout (`record` or `project`) touches: in a single forward, layer i
+        depends only on blocks 0..i, so the blocks above it and the LM head (a tenth to a fifth of a small model's
+        compute, and a [batch, tokens, vocab] tensor) would be computed for nothing. Interventions above that block
+        therefore have no effect here.
+        """
+        ops = list(ops)
+        deepest = max((layer for op in ops if isinstance(op, (Record, Project)) for layer in op.layers), default=None)
+        if deepest is None:
+            raise PersonaxisError("read() needs at least one record or project op")
+        with self.apply(ops) as trace:
+            handle = self.model.blocks[deepest].register_forward_hook(_stop)  # after the ops' hook on that block
+            try:
+                self.model.model(**{"use_cache": False, **inputs})
+            except _ReadoutsDone:
+                pass
+            finally:
+                handle.remove()
+        return trace
 
     def _validate(self, ops: Sequence[Op]) -> None:
         n_layers, hidden = self.model.n_layers, self.model.hidden_size
@@ -311,3 +337,7 @@ class Engine:
             return _rewrap(output, hidden) if interventions else None
 
         return hook
+
+
+def _stop(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    raise _ReadoutsDone
