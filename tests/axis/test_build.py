@@ -131,6 +131,13 @@ def test_unjudged_build_keeps_every_reply_and_says_so(tiny, tmp_path):
     assert result.traits is None
 
 
+def test_a_min_count_no_role_can_reach_is_refused_before_any_rollout(tiny, tmp_path):
+    config = BuildConfig(questions=2, max_tokens=3, judge="none", min_count=11, traits=0)
+    with pytest.raises(PersonaxisError, match=r"--min-count 11 cannot be met: a role gets 10 replies \(5 prompts"):
+        build_axis(tiny, tmp_path, config, roles=ROLES[:2], questions=QUESTIONS, progress=False)
+    assert not (tmp_path / "records.sqlite").exists()
+
+
 def test_a_given_backend_runs_the_rollouts_and_must_fit_the_build(tiny, tmp_path):
     config = BuildConfig(questions=1, max_tokens=2, judge="none", min_count=1, traits=0)
     used = []

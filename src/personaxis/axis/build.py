@@ -371,6 +371,14 @@ def build_axis(
     chosen_questions = select(load_questions() if questions is None else list(questions), config.questions, config.seed)
     trait_library = load_axis_traits() if traits is None else list(traits)
     chosen_traits = trait_library if config.traits is None else select(trait_library, config.traits, config.seed)
+    prompts = len(chosen_roles[0].prompts)  # the same for every role (the library's schema)
+    if config.min_count > prompts * len(chosen_questions) * config.samples:
+        raise PersonaxisError(
+            f"--min-count {config.min_count} cannot be met: a role gets "
+            f"{prompts * len(chosen_questions) * config.samples} replies ({prompts} prompts × "
+            f"{len(chosen_questions)} questions × {config.samples} sample(s)); lower --min-count or raise --questions "
+            "or --samples"
+        )
     rubric = load_role_rubric() if rubric is None else rubric
     name = config.model_name or self_name(model)
     default_prompts = load_default_prompts(name)
