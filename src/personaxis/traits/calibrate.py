@@ -36,7 +36,10 @@ from personaxis.traits.steer import SteeredBackend, primary
 from personaxis.vectors import Vectors
 
 STAGE = "trait_calibration"
-DEFAULT_COEFS = (-0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4)
+# Log-spaced: the strength that changes behaviour differs between models by several times (SmolLM2-135M breaks down
+# at 0.4 while Qwen2.5-Coder-1.5B is hardly moved by it and turns evil at 0.8: their residual norms are ~170 and ~40
+# against trait vectors of similar length), so the grid spans 0.1-0.8 with as many points as a linear 0.1-0.4 grid had.
+DEFAULT_COEFS = (-0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.8)
 
 
 @dataclass(frozen=True)
