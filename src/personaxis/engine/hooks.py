@@ -3,7 +3,8 @@
 One `Engine` per model. `engine.apply(ops)` attaches, for the duration of a `with` block, one pre-hook on the module
 that owns the decoder blocks (it reads the attention mask and the cache length of every forward, so positions are
 absolute and padding is known even under `generate()` or a training loop) and one forward hook on each block that
-an op touches. With no ops nothing is attached, so outputs are bit-identical to the bare model.
+an op touches. With no ops nothing is attached, so outputs are bit-identical to the bare model. `engine.read(ops,
+**inputs)` runs one forward pass for readouts only and stops it after the deepest block they need.
 
 Inside a block hook the activation is cast to float32 once, every intervention of that layer is applied in order,
 readouts see the result, and it is cast back once. Tokens no op touches round-trip exactly (bf16 → fp32 → bf16).
