@@ -1,9 +1,10 @@
 """Engine benchmarks (issue: core): capture throughput, steering/capping overhead, memory against chat count.
 
 Every figure is a ratio of methods measured side by side in one run on the same model and chats:
-(a) capture with personaxis (batched, streaming span means at every layer) against a bare batched forward pass, the
-    persona-vectors way (one unbatched forward per chat with output_hidden_states, reduce afterwards) and the
-    assistant-axis way (batches of 16, stack every layer's full activations, reduce afterwards);
+(a) capture with personaxis (batched, streaming span means at every layer, and at the middle layer only) against a
+    bare batched forward pass (with and without the LM head), the persona-vectors way (one unbatched forward per chat
+    with output_hidden_states, reduce afterwards) and the assistant-axis way (batches of 16, stack every layer's full
+    activations, reduce afterwards);
 (b) batched generation with a steering op at one layer and with a cap over an 8-layer window, against no ops;
 (c) peak memory of a streaming extraction against the number of chats.
 
@@ -115,6 +116,9 @@ def main() -> None:
             "bare forward (batch 16, no hooks)": lambda: bare_forward(model, rendered, 16),
             "bare forward without the LM head (batch 16)": lambda: bare_forward(model, rendered, 16, head=False),
             "personaxis capture (batch 16)": lambda: encode_means(model, rendered, layers, aggregations, batch_size=16),
+            "personaxis capture, middle layer only (batch 16)": lambda: encode_means(
+                model, rendered, [model.n_layers // 2], aggregations, batch_size=16
+            ),
             "persona-vectors way (batch 1, all hidden states)": lambda: persona_vectors_way(model, rendered),
             "assistant-axis way (batch 16, stacked activations)": lambda: assistant_axis_way(model, rendered),
         },
@@ -125,7 +129,7 @@ def main() -> None:
     print("\n## (a) capture throughput (median of interleaved repeats)")
     for name, t in secs.items():
         print(f"{name:52s} {tokens / t:10.0f} tok/s   personaxis is {t / ours_t:5.2f}× its speed")
-    bare, headless, pv, aa = (secs[k] / ours_t for k in list(secs) if k != "personaxis capture (batch 16)")
+    bare, headless, _, pv, aa = (secs[k] / ours_t for k in list(secs) if k != "personaxis capture (batch 16)")
     print(
         f"goals: ≥ 0.90× bare → {bare:.2f}×; ≥ 5× persona-vectors way → {pv:.2f}×; "
         f"≥ 1.5× assistant-axis way → {aa:.2f}×"
