@@ -7,7 +7,7 @@ same request served alone: dynamic batching must not change a single token.
 
 The steering directions here are seeded random unit directions (the bench needs interventions, not meaningful ones).
 
-    python bench/bench_serve.py [--model default] [--n 1000] [--max-tokens 64]
+    python bench/bench_serve.py [--model default] [--dtype auto] [--n 1000] [--max-tokens 64]
     python bench/bench_serve.py --model random:qwen2-7b --device cuda --dtype bfloat16 --n 0   # GPU, random weights
 """
 
@@ -64,15 +64,18 @@ def mixes(n_layers: int) -> list[dict]:
 def serve(args: argparse.Namespace, port: int, info: Connection) -> None:
     """The server process: load the model, send what the report needs, serve until terminated."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = bench_model(args.model, device, getattr(torch, args.dtype))
+    model = bench_model(args.model, device, args.dtype if args.dtype == "auto" else getattr(torch, args.dtype))
     vectors, cap = synthetic(model)
-    app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16))
+    app = create_app(model, vectors={"bench": vectors}, caps=cap, limits=Limits(max_queue=256, max_batch=16),
+                     batch_invariant=args.batch_invariant)  # fmt: skip
     where = (
         torch.cuda.get_device_name()
         if model.device.type == "cuda"
         else f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
     )
-    info.send({"name": model.name, "dtype": str(model.dtype), "device": where, "n_layers": model.n_layers})
+    invariant = "batch-invariant" if app.state.worker.batch_invariant else "not batch-invariant"
+    info.send({"name": model.name, "dtype": f"{model.dtype} · {invariant}", "device": where,
+               "n_layers": model.n_layers})  # fmt: skip
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -176,7 +179,9 @@ def main() -> None:
     randoms = ", ".join(RANDOM_CONFIGS)
     parser.add_argument("--model", default="default", help=f"a model spec, or random weights: {randoms}")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="float32", help="float32 keeps greedy replies independent of batch shape")
+    parser.add_argument("--dtype", default="auto", help="auto: what `personaxis serve` loads (bf16 on a CPU)")
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="as `personaxis serve --batch-invariant` (default: on a CPU)")  # fmt: skip
     parser.add_argument("--n", type=int, default=1000, help="requests in the load run (0: skip it)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64, help="reply length in the throughput runs")

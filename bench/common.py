@@ -23,8 +23,10 @@ RANDOM_CONFIGS = {
 }  # fmt: skip
 
 
-def bench_model(spec: str, device: str, dtype: torch.dtype) -> ChatModel:
+def bench_model(spec: str, device: str, dtype: torch.dtype | str) -> ChatModel:
+    """`dtype` "auto" is what the CLI and the server load by default (bf16 on a CPU)."""
     if spec in RANDOM_CONFIGS:
+        dtype = torch.bfloat16 if dtype == "auto" else dtype
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

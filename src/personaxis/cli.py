@@ -229,6 +229,10 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, help="requests waiting at most (more get 429)")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="longest prompt accepted, in tokens")] = 8192,
+    batch_invariant: Annotated[
+        bool | None,
+        typer.Option(help="greedy replies that never depend on the batch (default: on a CPU)", show_default=False),
+    ] = None,
 ):
     """OpenAI-compatible server with per-request steering and capping, axis telemetry and a dashboard at /."""
     from personaxis.serve.app import Limits
@@ -244,6 +248,7 @@ def serve(
     run_server(
         model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
         space_path=space, threshold=threshold, window=window, dtype=dtype, limits=limits,
+        batch_invariant=batch_invariant,
     )  # fmt: skip
 
 

@@ -120,19 +120,22 @@ def create_app(
     limits: Limits = Limits(),
     policy: ClosedLoop | None = None,
     space: dict | None = None,
+    batch_invariant: bool | None = None,
 ) -> FastAPI:
     """Build the app. The model is used by one worker thread only, started and stopped with the app's lifespan.
 
     `axis` is named "axis"; `vectors` are named by their keys (`key:direction` for multi-direction files); a single
     `caps` is named "default". `space` (optional) is the persona-space view served to the dashboard, e.g.
-    `{"points": [{"name": "pirate", "x": -1.2, "y": 0.3}, ...], "axis_x": [x0, x1]}`.
+    `{"points": [{"name": "pirate", "x": -1.2, "y": 0.3}, ...], "axis_x": [x0, x1]}`. `batch_invariant` (default: on
+    a CPU with continuous batching) keeps greedy replies independent of the batch in bf16 too (`serve.worker`).
     """
     registry = Registry.build(axis=axis, vectors=vectors, caps=caps, model=model)
     policy = policy or default_policy(registry)
     conversations = Conversations(policy)
     metrics = Metrics()
     metrics.queue.set_function(lambda: worker.waiting)
-    worker = Worker(model, registry, max_batch=limits.max_batch, max_queue=limits.max_queue, on_batch=metrics.batch)
+    worker = Worker(model, registry, max_batch=limits.max_batch, max_queue=limits.max_queue, on_batch=metrics.batch,
+                    batch_invariant=batch_invariant)  # fmt: skip
     model_id = model.name
     created = int(time.time())
 

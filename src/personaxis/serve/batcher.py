@@ -9,6 +9,10 @@ Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch
 `engine.apply` stays open across decode steps. This splicing needs caches made of plain growing key/value tensors
 (`model.cache.spliceable`; sliding-window and recurrent caches are not), and the worker falls back to batches that
 start and finish together for the others.
+
+With `invariant` (batch-invariant decoding, `model.attention`) a row's tokens do not depend on its batch even in bf16:
+attention runs row by row, and a lone row is decoded twice over, since on a CPU a one-row matmul takes another kernel
+(another summation order) than two rows or more.
 """
 
 from __future__ import annotations
@@ -52,8 +56,8 @@ class Row:
 class RunningBatch:
     """The rows being decoded, their shared KV cache, and the engine scope their ops run in."""
 
-    def __init__(self, model: ChatModel, registry: Registry) -> None:
-        self.model, self.registry = model, registry
+    def __init__(self, model: ChatModel, registry: Registry, *, invariant: bool = False) -> None:
+        self.model, self.registry, self.invariant = model, registry, invariant
         self.stops = stop_token_ids(model)
         self.extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}
         self.rows: list[Row] = []
@@ -127,11 +131,8 @@ class RunningBatch:
         self._open()
         tokens = torch.tensor([row.tokens[-1] for row in self.rows]).to(self.model.device)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        with torch.inference_mode():
-            out = self.model.model(input_ids=tokens[:, None], attention_mask=self.mask,
-                                   position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True,
-                                   **self.extra)  # fmt: skip
-        self.cache, self.logits, self.positions = out.past_key_values, out.logits[:, -1], self.positions + 1
+        self.cache, self.logits = self._decode(tokens[:, None])
+        self.positions = self.positions + 1
         names = self._monitored()
         latest = {name: self._trace.latest(f"monitor:{name}") for name in names}
         for b, row in enumerate(self.rows):
@@ -143,6 +144,20 @@ class RunningBatch:
                 self.outbox.append((row.job, event))
         self._retire(keep=lambda row: not row.finish)
         return produced
+
+    def _decode(self, tokens: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+        """One forward of the rows' next tokens; a lone row runs twice over under `invariant` (row 0 is kept)."""
+        twice = self.invariant and len(self.rows) == 1
+        tokens, mask, positions = tokens, self.mask, self.positions[:, None]
+        if twice:
+            self.cache.batch_repeat_interleave(2)
+            tokens, mask, positions = tokens.repeat(2, 1), mask.repeat(2, 1), positions.repeat(2, 1)
+        with torch.inference_mode():
+            out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                   past_key_values=self.cache, use_cache=True, **self.extra)  # fmt: skip
+        if twice:
+            out.past_key_values.batch_select_indices(torch.tensor([0], device=tokens.device))
+        return out.past_key_values, out.logits[: len(self.rows), -1]
 
     def fail(self, message: str) -> None:
         """Every running request gets `message` as its error; the batch is emptied."""
@@ -175,7 +190,8 @@ class RunningBatch:
         if self._scope is None:
             return
         if self._trace.cap_hits is not None:
-            for row, hits in zip(self.rows, self._trace.cap_hits.tolist(), strict=True):
+            hits_per_row = self._trace.cap_hits.tolist()[: len(self.rows)]  # a lone row's twin comes last
+            for row, hits in zip(self.rows, hits_per_row, strict=True):
                 row.cap_hits += int(hits)
         self._scope.close()
         self._scope, self._trace = None, None

@@ -49,6 +49,7 @@ def run_server(
     window: int = 2,
     dtype: str = "auto",
     limits: Limits = Limits(),
+    batch_invariant: bool | None = None,
 ) -> None:
     """Serve until interrupted. Binding beyond loopback without an API key is refused: the model would be open."""
     import uvicorn
@@ -66,6 +67,7 @@ def run_server(
     space = json.loads(Path(space_path).read_text()) if space_path else None
     policy = ClosedLoop(threshold=threshold, window=window) if threshold is not None else None
     app = create_app(
-        model, axis=axis, caps=caps, vectors=vectors, api_key=api_key, limits=limits, policy=policy, space=space
-    )
+        model, axis=axis, caps=caps, vectors=vectors, api_key=api_key, limits=limits, policy=policy, space=space,
+        batch_invariant=batch_invariant,
+    )  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -5,6 +5,9 @@ join the running batch and drops the finished ones (`serve.batcher`). Each reque
 per-row engine ops, so one request's steering never touches another's tokens. For models whose KV cache cannot be
 spliced (sliding-window or recurrent layers) a batch takes whatever is waiting when it starts and runs to its end.
 Tokens travel back to the event loop through `call_soon_threadsafe`, all of one decode step in one wake-up.
+
+Batch-invariant decoding (`batch_invariant`, on by default on a CPU with continuous batching) makes greedy replies
+independent of the batch in bf16 too; see `serve.batcher` and `model.attention`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Any
 
 import torch
 
+from personaxis.errors import PersonaxisError
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
+from personaxis.model.attention import ROWWISE, set_attention
 from personaxis.model.cache import spliceable
 from personaxis.serve.batcher import RunningBatch
 from personaxis.serve.plan import Plan, Registry
@@ -76,6 +81,7 @@ class Worker:
         max_batch: int = 16,
         max_queue: int = 64,
         on_batch: Callable[[int, int, float], None] | None = None,
+        batch_invariant: bool | None = None,
     ) -> None:
         self.model, self.registry = model, registry
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -85,6 +91,12 @@ class Worker:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="personaxis-worker", daemon=True)
         self.continuous = self._can_splice()
+        if batch_invariant is None:
+            batch_invariant = self.continuous and model.device.type == "cpu"
+        if batch_invariant and not self.continuous:
+            raise PersonaxisError("batch-invariant decoding needs a model whose KV cache is plain key/value tensors")
+        self.batch_invariant = batch_invariant
+        self._attention: str | None = None  # the model's own attention, while batch-invariant attention replaces it
         self._decoding = 0
 
     def _can_splice(self) -> bool:
@@ -96,6 +108,8 @@ class Worker:
         return spliceable(out.past_key_values)
 
     def start(self) -> None:
+        if self.batch_invariant:
+            self._attention = set_attention(self.model.model, ROWWISE)
         self._thread.start()
 
     def stop(self) -> None:
@@ -103,6 +117,9 @@ class Worker:
             self._stopped = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
+        if self._attention is not None:
+            set_attention(self.model.model, self._attention)
+            self._attention = None
 
     @property
     def waiting(self) -> int:
@@ -140,7 +157,7 @@ class Worker:
                 if jobs:
                     self._batch(jobs)
             return
-        batch = RunningBatch(self.model, self.registry)
+        batch = RunningBatch(self.model, self.registry, invariant=self.batch_invariant)
         try:
             while (jobs := self._take(self.max_batch - len(batch), block=not batch)) is not None:
                 if jobs:
