@@ -148,7 +148,7 @@ class RunningBatch:
     def _decode(self, tokens: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
         """One forward of the rows' next tokens; a lone row runs twice over under `invariant` (row 0 is kept)."""
         twice = self.invariant and len(self.rows) == 1
-        tokens, mask, positions = tokens, self.mask, self.positions[:, None]
+        mask, positions = self.mask, self.positions[:, None]
         if twice:
             self.cache.batch_repeat_interleave(2)
             tokens, mask, positions = tokens.repeat(2, 1), mask.repeat(2, 1), positions.repeat(2, 1)
