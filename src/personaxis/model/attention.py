@@ -3,9 +3,10 @@
 Under left padding a row's keys sit at a different offset in every batch it joins, and fused attention kernels then
 sum over them in a different order. In float32 the difference stays below anything a greedy choice notices; in bf16
 it does not (a quarter to a third of the embedded model's 24-token greedy replies changed with their batch). Running
-attention row by row on the row's real tokens gives every row the same arithmetic as when it runs alone. The linear
-layers are already row-wise on a CPU (same result for 1 row or 8); GPU GEMM libraries pick kernels by batch size, so
-this buys exactness on a CPU only.
+attention row by row on the row's real tokens gives every row the same arithmetic as when it runs alone. The rest
+of the model is row-wise, with one catch that `serve.batcher` handles: on a CPU a one-row matmul takes another kernel
+than two rows or more (which all agree). GPU GEMM libraries pick kernels by batch size, so this buys exactness on a
+CPU only.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def rowwise_attention(
         if 1 < n_q < n_k:  # queries after cached keys: causal, aligned to the end
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(n_k - n_q)[None, None]
         rows, _ = sdpa_attention_forward(
-            module, query[b : b + 1, :, q_len - n_q :].contiguous(), key[b : b + 1, :, start:].contiguous(),
-            value[b : b + 1, :, start:].contiguous(),
-            mask, **kwargs,
+            module, query[b : b + 1, :, q_len - n_q :], key[b : b + 1, :, start:], value[b : b + 1, :, start:], mask,
+            **kwargs,
         )  # fmt: skip
         out[b, q_len - n_q :] = rows[0]
     return out, None
