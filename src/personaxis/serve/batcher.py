@@ -1,9 +1,10 @@
 """Continuous batching: requests join and leave a running batch between decode steps.
 
 The running batch keeps one KV cache whose rows are left-padded to a common width. Waiting requests are prefilled
-together, each with its own ops, and their cache rows are padded and appended to the batch; a finished request's rows are dropped
-and columns that are padding in every row are trimmed. Positions are absolute per row and padding is masked, so a
-row's tokens do not depend on who shares its batch, up to float rounding (exactly, with `invariant`: below).
+together, each with its own ops, and their cache rows are padded and appended to the batch; a finished request's rows
+are dropped and columns that are padding in every row are trimmed. Positions are absolute per row and padding is
+masked, so a row's tokens do not depend on who shares its batch, up to float rounding (exactly, with `invariant`:
+below).
 
 Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch changes; between changes one
 `engine.apply` stays open across decode steps. This splicing needs caches made of plain growing key/value tensors
