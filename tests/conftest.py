@@ -1,6 +1,7 @@
 """Shared fixtures (builders live in tiny.py so test modules can import them)."""
 
 import pytest
+import torch
 from tiny import build_tokenizer, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
@@ -26,3 +27,14 @@ def folder(tmp_path_factory):
     tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def bf16_model(tokenizer) -> ChatModel:
+    """A bf16 Llama wide enough that plain batching changes some of its greedy replies on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    return ChatModel(model=LlamaForCausalLM(config).eval().bfloat16(), tokenizer=tokenizer, name="llama-256-bf16")

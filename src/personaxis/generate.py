@@ -12,12 +12,14 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from personaxis.engine import Op, Project, Record, Trace
 from personaxis.errors import PersonaxisError
+from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.chat import Label
 from personaxis.model.loading import ChatModel
 
@@ -113,12 +115,18 @@ def generate_batch(
     capture_layers: Sequence[int] | None = None,
     captures: Sequence[str] = ("response",),
     on_token: Callable[[int, int, dict[str, torch.Tensor]], bool | None] | None = None,
+    invariant: bool | None = None,
 ) -> list[Generation]:
     """Generate replies for one batch of prompts (token ids), applying `ops` (their `rows` index this batch).
 
     `on_token(row, token_id, projections)` is called for every reply token, with that token's projections
     ({name: [L]}) when `Project` ops are present (then it comes one step later, once the token has been run);
     returning False stops that row (e.g. the client disconnected).
+
+    `invariant` (default `model.batch_invariant`: on a CPU) makes each row's tokens independent of the batch it runs
+    in, bf16 included, so that sampling with a seed gives the same reply whatever else is generated with it: the
+    model attends row by row for the call (`model.attention`), and a lone prompt never goes through a one-row matmul
+    (`Engine.paired_single_rows`).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PersonaxisError("every prompt needs at least one token")
@@ -128,6 +136,10 @@ def generate_batch(
     settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
     if len(settings) != len(prompts):
         raise PersonaxisError("give one sampling setting per prompt")
+    if invariant is None:
+        invariant = model.batch_invariant
+    elif invariant and not supports_rowwise(model.config):
+        raise PersonaxisError(f"{model.name} uses sliding windows or soft-capping: batch-invariant decoding cannot run")
     device = model.device
     batch, width = len(prompts), max(len(p) for p in prompts)
     pad = model.tokenizer.pad_token_id
@@ -152,7 +164,7 @@ def generate_batch(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finish: list[str] = [""] * batch
     ids, mask = ids.to(device), mask.to(device)
-    with torch.inference_mode(), model.engine.apply(ops) as trace:
+    with torch.inference_mode(), _invariance(model, invariant, batch), model.engine.apply(ops) as trace:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         cache, logits = out.past_key_values, out.logits[:, -1]
@@ -199,6 +211,16 @@ def generate_batch(
     return _collect(model, prompts, tokens, finish, trace, width, capture_layers, captures, ops)
 
 
+def _invariance(model: ChatModel, invariant: bool, batch: int) -> ExitStack:
+    """Row-wise attention, and for a lone row no one-row matmuls (see `generate_batch`)."""
+    stack = ExitStack()
+    if invariant:
+        stack.enter_context(rowwise(model.model))
+        if batch == 1:
+            stack.enter_context(model.engine.paired_single_rows())
+    return stack
+
+
 def _collect(
     model: ChatModel,
     prompts: Sequence[list[int]],
@@ -240,8 +262,11 @@ def generate(
     captures: Sequence[str] = ("response",),
     batch_size: int = 8,
     progress: bool = False,
+    invariant: bool | None = None,
 ) -> list[Generation]:
-    """Reply to many chats in batches (similar lengths together); `row_ops[i]` adds ops for chat i only."""
+    """Reply to many chats in batches (similar lengths together); `row_ops[i]` adds ops for chat i only.
+
+    `invariant`: see `generate_batch` (on a CPU a chat's reply is the same whatever chats it is batched with)."""
     from rich.progress import Progress
 
     prompts = [prompt_ids(model, chat) for chat in chats]
@@ -264,6 +289,7 @@ def generate(
                 ops=batch_ops,
                 capture_layers=capture_layers,
                 captures=captures,
+                invariant=invariant,
             )
             for i, output in zip(chunk, outputs, strict=True):
                 results[i] = output

@@ -62,3 +62,17 @@ def test_steering_changes_the_reply_and_nothing_else(smol):
     torch.manual_seed(0)
     steered = generate_batch(smol, [prompt], Sampling(16), ops=[Add({12: 40 * torch.randn(576)})])[0]
     assert steered.token_ids != plain.token_ids
+
+
+def test_seeded_bf16_replies_do_not_depend_on_their_batch():
+    """Without batch-invariant decoding most of these sampled bf16 replies change with the batch size (3 of the 5 in
+    batches of 2, 4 of the 5 alone, measured here)."""
+    model = load_model("default")  # bf16 on a CPU
+    questions = ["Tell me about the ocean.", "What is your favourite colour and why?", "Write a haiku about winter.",
+                 "How do I boil an egg?", "Explain gravity to a child."]  # fmt: skip
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    settings = [Sampling(max_new_tokens=24, temperature=1.0, seed=i) for i in range(len(chats))]
+    together = [g.token_ids for g in generate(model, chats, settings, batch_size=5)]
+    assert model.dtype == torch.bfloat16 and model.batch_invariant
+    assert [g.token_ids for g in generate(model, chats, settings, batch_size=2)] == together
+    assert [g.token_ids for g in generate(model, chats, settings, batch_size=1)] == together

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
+from model.test_blocks import FAMILIES, build
 from serve.serving_helpers import random_vectors
 from serve.test_batching import EXTENSIONS, QUESTIONS, _run_jobs
 
 from personaxis.errors import PersonaxisError
-from personaxis.model import ChatModel
-from personaxis.model.attention import ROWWISE, rowwise_attention, set_attention
+from personaxis.model.attention import ROWWISE, rowwise_attention, set_attention, supports_rowwise
 from personaxis.serve.plan import Registry
 from personaxis.vectors.cap import CapConfig
 
@@ -80,17 +80,6 @@ def test_sliding_windows_are_refused():
         rowwise_attention(_Attention(), q, q, q, None, sliding_window=4)
 
 
-@pytest.fixture(scope="module")
-def bf16_model(tokenizer) -> ChatModel:
-    """Wider than the other tiny models: at this size plain batching changes one of the four bf16 replies below."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
-    return ChatModel(model=LlamaForCausalLM(config).eval().bfloat16(), tokenizer=tokenizer, name="llama-256-bf16")
-
-
 def test_bf16_greedy_tokens_are_the_same_alone_and_in_a_mixed_batch(bf16_model):
     axis = random_vectors(bf16_model, ("axis",), seed=1)
     vectors = {"evil": random_vectors(bf16_model, ("evil",), seed=2),
@@ -126,3 +115,20 @@ def test_rowwise_attention_gives_a_models_own_logits(family):
         got = model(input_ids=ids, attention_mask=mask).logits
     assert previous == "sdpa"
     assert torch.allclose(got[0, 3:], want[0, 3:], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_supports_rowwise_reads_the_config_right(family):
+    """What the config predicts is what happens: row-wise attention runs, or refuses in one line."""
+    model = build(family)
+    predicted = supports_rowwise(model.config.get_text_config())
+    previous = set_attention(model, ROWWISE)
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.randint(3, 100, (2, 5)))
+        ran = True
+    except PersonaxisError:
+        ran = False
+    finally:
+        set_attention(model, previous)
+    assert predicted == ran

@@ -165,6 +165,36 @@ class Engine:
                 handle.remove()
             self._active = False
 
+    @contextmanager
+    def paired_single_rows(self) -> Iterator[None]:
+        """For the duration of the block, a linear layer handed a single row computes it beside a copy of itself and
+        keeps one. On a CPU a one-row matmul takes another kernel than two rows or more (which all agree), so a lone
+        decoding row would not match the same row in a batch; part of batch-invariant decoding (`model.attention`).
+        """
+        paired: set[int] = set()
+
+        def before(module: torch.nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if x.shape[:-1].numel() != 1:
+                return None
+            paired.add(id(module))
+            return (torch.cat([x, x]), *args[1:])
+
+        def after(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if id(module) not in paired:
+                return None
+            paired.discard(id(module))
+            return output[:1]
+
+        linears = [m for m in self.model.model.modules() if isinstance(m, torch.nn.Linear)]
+        handles = [m.register_forward_pre_hook(before) for m in linears]
+        handles += [m.register_forward_hook(after) for m in linears]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def read(self, ops: Sequence[Op], **inputs: Any) -> Trace:
         """One forward pass (no KV cache) for the readouts of `ops`; returns the trace.
 

@@ -4,12 +4,17 @@ Under left padding a row's keys sit at a different offset in every batch it join
 sum over them in a different order. In float32 the difference stays below anything a greedy choice notices; in bf16
 it does not (a quarter to a third of the embedded model's 24-token greedy replies changed with their batch). Running
 attention row by row on the row's real tokens gives every row the same arithmetic as when it runs alone. The rest
-of the model is row-wise, with one catch that `serve.batcher` handles: on a CPU a one-row matmul takes another kernel
-than two rows or more (which all agree). GPU GEMM libraries pick kernels by batch size, so this buys exactness on a
-CPU only.
+of the model is row-wise, with one catch that the decode loops handle (`generate`, `serve.batcher`): on a CPU a
+one-row matmul takes another kernel than two rows or more (which all agree), so while a row decodes alone its linear
+layers run it as two rows (`Engine.paired_single_rows`). GPU GEMM libraries pick kernels by batch size, so this buys
+exactness on a CPU only, where it is the default (`ChatModel.batch_invariant`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -66,3 +71,25 @@ def set_attention(model: torch.nn.Module, name: str) -> str:
     previous = model.config._attn_implementation
     model.set_attn_implementation(name)
     return previous
+
+
+def supports_rowwise(config: Any) -> bool:
+    """Whether a model with this (text) config can run row-wise attention, which implements neither sliding windows
+    nor logit soft-capping. `rowwise_attention` refuses those at run time as well, should a config hide them."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    if not getattr(config, "sliding_window", None):
+        return True
+    layer_types = getattr(config, "layer_types", None)
+    # without per-layer types a configured window applies to every layer (Mistral, Phi-3)
+    return layer_types is not None and "sliding_attention" not in layer_types
+
+
+@contextmanager
+def rowwise(model: torch.nn.Module) -> Iterator[None]:
+    """Row-wise attention for the duration of the block, then the model's own again."""
+    previous = set_attention(model, ROWWISE)
+    try:
+        yield
+    finally:
+        set_attention(model, previous)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from personaxis.errors import PersonaxisError
+from personaxis.model.attention import supports_rowwise
 from personaxis.model.blocks import find_blocks, parent_of
 from personaxis.model.chat import RenderedChat, has_chat_template, render_chat, supports_system
 from personaxis.model.embedded import fetch_embedded, resolve_embedded
@@ -76,6 +77,12 @@ class ChatModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether decoding is batch-invariant by default (`model.attention`): on a CPU, where it makes bf16 exact,
+        for models that can run row-wise attention."""
+        return self.device.type == "cpu" and supports_rowwise(self.config)
 
     @property
     def has_chat_template(self) -> bool:

@@ -12,8 +12,8 @@ Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch
 start and finish together for the others.
 
 With `invariant` (batch-invariant decoding, `model.attention`) a row's tokens do not depend on its batch even in bf16:
-attention runs row by row, and a lone row is decoded twice over, since on a CPU a one-row matmul takes another kernel
-(another summation order) than two rows or more.
+attention runs row by row, and a lone row's matmuls run as two rows (`Engine.paired_single_rows`), since on a CPU a
+one-row matmul takes another kernel (another summation order) than two rows or more.
 """
 
 from __future__ import annotations
@@ -147,18 +147,12 @@ class RunningBatch:
         return produced
 
     def _decode(self, tokens: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-        """One forward of the rows' next tokens; a lone row runs twice over under `invariant` (row 0 is kept)."""
-        twice = self.invariant and len(self.rows) == 1
-        mask, positions = self.mask, self.positions[:, None]
-        if twice:
-            self.cache.batch_repeat_interleave(2)
-            tokens, mask, positions = tokens.repeat(2, 1), mask.repeat(2, 1), positions.repeat(2, 1)
-        with torch.inference_mode():
-            out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+        """One forward of the rows' next tokens; under `invariant` a lone row's matmuls run as two rows."""
+        paired = self.model.engine.paired_single_rows() if self.invariant and len(self.rows) == 1 else None
+        with torch.inference_mode(), paired or contextlib.nullcontext():
+            out = self.model.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.positions[:, None],
                                    past_key_values=self.cache, use_cache=True, **self.extra)  # fmt: skip
-        if twice:
-            out.past_key_values.batch_select_indices(torch.tensor([0], device=tokens.device))
-        return out.past_key_values, out.logits[: len(self.rows), -1]
+        return out.past_key_values, out.logits[:, -1]
 
     def fail(self, message: str) -> None:
         """Every running request gets `message` as its error; the batch is emptied."""
@@ -191,8 +185,7 @@ class RunningBatch:
         if self._scope is None:
             return
         if self._trace.cap_hits is not None:
-            hits_per_row = self._trace.cap_hits.tolist()[: len(self.rows)]  # a lone row's twin comes last
-            for row, hits in zip(self.rows, hits_per_row, strict=True):
+            for row, hits in zip(self.rows, self._trace.cap_hits.tolist(), strict=True):
                 row.cap_hits += int(hits)
         self._scope.close()
         self._scope, self._trace = None, None

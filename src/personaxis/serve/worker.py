@@ -92,7 +92,7 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="personaxis-worker", daemon=True)
         self.continuous = self._can_splice()
         if batch_invariant is None:
-            batch_invariant = self.continuous and model.device.type == "cpu"
+            batch_invariant = self.continuous and model.batch_invariant
         if batch_invariant and not self.continuous:
             raise PersonaxisError("batch-invariant decoding needs a model whose KV cache is plain key/value tensors")
         self.batch_invariant = batch_invariant
