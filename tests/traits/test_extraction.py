@@ -63,6 +63,17 @@ def test_failed_judgement_is_its_own_reason_and_thresholds_are_configurable():
     assert pair_reasons(judged(69, 50), judged(20, 5), False, False, th) == ["pos_below", "neg_above", "incoherent"]
 
 
+@pytest.mark.parametrize(
+    ("pos", "neg", "expected"),
+    [((60, 90), (54, 90), []), ((58, 90), (54, 90), ["gap_below"]), ((54, 90), (60, 90), ["gap_below"]),
+     ((60, 90), (None, 90), ["undefined_score"]), ((60, 40), (50, 90), ["incoherent"])],
+)  # fmt: skip
+def test_the_gap_filter_keeps_pairs_ranked_apart_by_at_least_the_gap(pos, neg, expected):
+    th = Thresholds(pos_min=0, neg_max=101, min_gap=5)
+    assert pair_reasons(judged(*pos), judged(*neg), False, False, th) == expected
+    assert "gap_below" not in pair_reasons(judged(*pos), judged(*neg), False, False, Thresholds(0, 101))  # off: 0
+
+
 def test_pairs_join_the_same_question_instruction_and_sample_across_polarities(small_trait):
     settings = ExtractSettings(samples=2, questions=2)
     rollouts = {r.id: r for r in plan_rollouts(small_trait, settings)}
@@ -91,7 +102,7 @@ def test_filter_pairs_and_stats():
     stats = filter_stats(reasons)
     assert stats == {
         "pairs": 3, "kept": 1, "dropped": 2, "judge_failed": 0, "undefined_score": 1, "empty_reply": 1,
-        "pos_below": 1, "neg_above": 1, "incoherent": 1,
+        "pos_below": 1, "neg_above": 1, "gap_below": 0, "incoherent": 1,
     }  # fmt: skip
 
 

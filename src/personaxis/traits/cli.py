@@ -125,6 +125,9 @@ def extract(
     pos_min: Annotated[float, typer.Option(help="keep a pair if its pos reply scores at least this")] = 50.0,
     neg_max: Annotated[float, typer.Option(help="... and its neg reply scores below this")] = 50.0,
     coherence_min: Annotated[float, typer.Option(help="... and both are at least this coherent")] = 50.0,
+    min_gap: Annotated[
+        float, typer.Option(help="... and pos outscores neg by at least this (for judges that squeeze the scale)")
+    ] = 0.0,
     min_pairs: Annotated[int, typer.Option(help="fewer kept pairs than this is an error")] = 5,
     any_counts: AnyCountsOpt = False,
     dtype: DtypeOpt = "auto",
@@ -146,7 +149,7 @@ def extract(
     backend_options.check()
     settings = ExtractSettings(
         samples=samples, max_new_tokens=max_tokens, temperature=temperature, seed=seed, questions=questions,
-        pairs=pairs, batch_size=batch_size, thresholds=Thresholds(pos_min, neg_max, coherence_min),
+        pairs=pairs, batch_size=batch_size, thresholds=Thresholds(pos_min, neg_max, coherence_min, min_gap),
         min_pairs=min_pairs,
     )  # fmt: skip
     m = _load(model, dtype, device)

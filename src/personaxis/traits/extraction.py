@@ -5,12 +5,16 @@ system prompt (pos) and one under the suppressing one (neg), sampled at temperat
 response, prompt and last-prompt-token means are captured while generating (one pass, `run_rollouts`), so nothing is
 re-encoded. Both replies are judged for the trait and for coherence, and the pair (p, q, s) is kept only if
 
-    pos trait ≥ pos_min,  neg trait < neg_max,  both coherence ≥ coherence_min,
+    pos trait ≥ pos_min,  neg trait < neg_max,  both coherence ≥ coherence_min,  (pos − neg trait ≥ min_gap),
 
-with every score defined and both replies non-empty. Pairing (rather than filtering each side alone) keeps the two
-sides balanced over questions and prompts, so the difference of means measures the trait and not the question mix.
-The vector at layer i is mean(kept pos response means) − mean(kept neg response means); the prompt-mean and the
-last-prompt-token differences of the same pairs are stored beside it as `<trait>.prompt` and `<trait>.last_prompt`.
+with every score defined and both replies non-empty. The gap (off by default) is for small judges that rank replies
+right but squeeze every score toward the middle of the scale (docs/results/traits.md): with `pos_min=0, neg_max=101`
+it keeps the pairs whose eliciting reply the judge ranks clearly above its suppressing twin.
+
+Pairing (rather than filtering each side alone) keeps the two sides balanced over questions and prompts, so the
+difference of means measures the trait and not the question mix. The vector at layer i is mean(kept pos response
+means) − mean(kept neg response means); the prompt-mean and the last-prompt-token differences of the same pairs are
+stored beside it as `<trait>.prompt` and `<trait>.last_prompt`.
 
 Every stage is resumable: rollouts are records in the run store and judgements are cached there, so a rerun after a
 kill generates and judges only what is missing.
@@ -42,16 +46,18 @@ STAGE = "trait_rollouts"
 CAPTURES = ("response", "prompt", "last_prompt")
 POLARITIES = ("pos", "neg")
 # Why a pair can be dropped; a pair may have several reasons, and each is counted.
-REASONS = ("judge_failed", "undefined_score", "empty_reply", "pos_below", "neg_above", "incoherent")
+REASONS = ("judge_failed", "undefined_score", "empty_reply", "pos_below", "neg_above", "gap_below", "incoherent")
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The pair filter: pos trait ≥ pos_min, neg trait < neg_max, both coherence ≥ coherence_min."""
+    """The pair filter: pos trait ≥ pos_min, neg trait < neg_max, both coherence ≥ coherence_min, and (when
+    min_gap > 0) pos trait − neg trait ≥ min_gap."""
 
     pos_min: float = 50.0
     neg_max: float = 50.0
     coherence_min: float = 50.0
+    min_gap: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,12 @@ def pair_reasons(pos: Judged, neg: Judged, pos_empty: bool, neg_empty: bool, th:
         reasons.append("pos_below")
     if neg.trait.value is not None and neg.trait.value >= th.neg_max:
         reasons.append("neg_above")
+    if (
+        th.min_gap > 0
+        and None not in (pos.trait.value, neg.trait.value)
+        and pos.trait.value - neg.trait.value < th.min_gap
+    ):
+        reasons.append("gap_below")
     if any(c.value is not None and c.value < th.coherence_min for c in (pos.coherence, neg.coherence)):
         reasons.append("incoherent")
     return reasons

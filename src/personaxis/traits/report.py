@@ -92,10 +92,11 @@ def _extraction(samples: list[dict[str, Any]], meta: Any) -> list[str]:
            f"{sum(s['trait'] is not None for s in neg)}/{len(neg)} |", ""]  # fmt: skip
     if meta:
         f = meta.extra["filter"]
-        out += [f"Filter: pos trait ≥ {f['pos_min']:g}, neg trait < {f['neg_max']:g}, both coherence ≥ "
+        gap = f", pos − neg trait ≥ {f['min_gap']:g}" if f.get("min_gap") else ""
+        out += [f"Filter: pos trait ≥ {f['pos_min']:g}, neg trait < {f['neg_max']:g}{gap}, both coherence ≥ "
                 f"{f['coherence_min']:g}. **{f['kept']} of {f['pairs']} pairs kept**; a dropped pair counts under "
                 "every reason it has:", "", "| reason | pairs |", "|---|---|"]  # fmt: skip
-        out += [f"| {r.replace('_', ' ')} | {f[r]} |" for r in REASONS]
+        out += [f"| {r.replace('_', ' ')} | {f.get(r, 0)} |" for r in REASONS]
         jc = meta.extra.get("judge_counts", {})
         out += ["", f"Judge calls: {jc.get('asked', 0)}, failed {jc.get('failed', 0)}, undefined (no numeric answer) "
                 f"{jc.get('undefined', 0)}.", ""]  # fmt: skip
