@@ -62,7 +62,7 @@ def test_batch_invariance_is_refused_for_sliding_windows(tokenizer):
     mistral = ChatModel(model=tf.MistralForCausalLM(config).eval(), tokenizer=tokenizer, name="tiny-mistral")
     prompt = tokenizer("Hello", add_special_tokens=False)["input_ids"]
     assert not mistral.batch_invariant
-    assert generate_batch(mistral, [prompt], Sampling(max_new_tokens=3))[0].token_ids  # the default runs plainly
+    assert len(generate_batch(mistral, [prompt], Sampling(max_new_tokens=3))) == 1  # the default runs plainly
     with pytest.raises(PersonaxisError, match="sliding windows or soft-capping"):
         generate_batch(mistral, [prompt], invariant=True)
 

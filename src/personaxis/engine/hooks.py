@@ -174,9 +174,9 @@ class Engine:
         paired: set[int] = set()
 
         def before(module: torch.nn.Module, args: tuple) -> tuple | None:
-            x = args[0]
-            if x.shape[:-1].numel() != 1:
+            if not args or args[0].shape[:-1].numel() != 1:
                 return None
+            x = args[0]
             paired.add(id(module))
             return (torch.cat([x, x]), *args[1:])
 

@@ -147,9 +147,8 @@ class RunningBatch:
         return produced
 
     def _decode(self, tokens: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-        """One forward of the rows' next tokens; under `invariant` a lone row's matmuls run as two rows."""
-        paired = self.model.engine.paired_single_rows() if self.invariant and len(self.rows) == 1 else None
-        with torch.inference_mode(), paired or contextlib.nullcontext():
+        """One forward of the rows' next tokens."""
+        with torch.inference_mode():
             out = self.model.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.positions[:, None],
                                    past_key_values=self.cache, use_cache=True, **self.extra)  # fmt: skip
         return out.past_key_values, out.logits[:, -1]
@@ -170,7 +169,8 @@ class RunningBatch:
         return list(dict.fromkeys(name for row in self.rows for name in row.job.plan.monitor))
 
     def _open(self) -> None:
-        """Enter the engine with the current rows' ops; positions of each row's prompt are passed on explicitly."""
+        """Enter the engine with the current rows' ops (positions of each row's prompt are passed on explicitly), and
+        under `invariant` pair a lone row's matmuls."""
         if self._scope is not None:
             return
         ops: list[Op] = [op for b, row in enumerate(self.rows) for op in row.job.plan.ops_for_row(b)]
@@ -179,6 +179,8 @@ class RunningBatch:
         last_prompt = self.mask.argmax(dim=1) + lengths - 1  # first real column + prompt length - 1
         self._scope = contextlib.ExitStack()
         self._trace = self._scope.enter_context(self.model.engine.apply(ops, last_prompt=last_prompt))
+        if self.invariant and len(self.rows) == 1:
+            self._scope.enter_context(self.model.engine.paired_single_rows())
 
     def _close(self) -> None:
         """Leave the engine scope, crediting each row with the cap hits counted in it."""
