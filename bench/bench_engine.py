@@ -5,11 +5,13 @@ Every figure is a ratio of methods measured side by side in one run on the same 
     bare batched forward pass (with and without the LM head), the persona-vectors way (one unbatched forward per chat
     with output_hidden_states, reduce afterwards) and the assistant-axis way (batches of 16, stack every layer's full
     activations, reduce afterwards);
-(b) batched generation with a steering op at one layer and with a cap over an 8-layer window, against no ops;
+(b) batched generation with a steering op at one layer and with a cap over an 8-layer window, against no ops; and
+    batch-invariant decoding (the CPU default) against plain batched decoding, for a batch and for a lone prompt;
 (c) peak memory of a streaming extraction against the number of chats.
 
     python bench/bench_engine.py --model default            # CPU, the embedded model
     python bench/bench_engine.py --model random:qwen2-7b --device cuda --dtype bfloat16
+    python bench/bench_engine.py --sections b               # only the generation figures
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--pairs", type=int, default=12, help="back-to-back pairs in the overhead measurement")
+    parser.add_argument("--sections", default="abc", help="which figures: a (capture), b (generation), c (memory)")
     parser.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_only:
@@ -104,7 +107,16 @@ def main() -> None:
     print(f"# {len(data)} chats, {tokens} tokens; capture = response, prompt and last-prompt means at all layers")
     print("# every method starts from the same rendered chats (token ids and labels); rendering is common to all")
 
-    # (a) capture throughput
+    if "a" in args.sections:
+        capture_figures(args, model, data, rendered, tokens, layers)
+    if "b" in args.sections:
+        generation_figures(args, model, data)
+    if "c" in args.sections:
+        memory_figures(args)
+
+
+def capture_figures(args: argparse.Namespace, model, data, rendered, tokens: int, layers: list[int]) -> None:
+    """(a) capture throughput."""
     aggregations = ("response", "prompt", "last_prompt")
     # hidden_states[L] has the final norm applied, so the last block is left out of the comparison
     ours = encode_means(model, data[:4], layers, ("response",), batch_size=16)[:, 0, :-1]
@@ -137,7 +149,9 @@ def main() -> None:
     print(f"(capture stops after the deepest recorded block and computes no logits; against a bare forward that also "
           f"skips the LM head it runs at {headless:.2f}×: that ratio is the hooks' cost)")  # fmt: skip
 
-    # (b) steering and capping overhead in batched generation
+
+def generation_figures(args: argparse.Namespace, model, data) -> None:
+    """(b) steering and capping overhead in batched generation, and the cost of batch-invariant decoding."""
     prompts = [prompt_ids(model, c[:2]) for c in data[:8]]
     sampling = Sampling(max_new_tokens=args.new_tokens)
     torch.manual_seed(0)
@@ -158,8 +172,25 @@ def main() -> None:
         print(f"{name:52s} overhead {100 * (median - 1):+5.1f}% (median; quartiles {100 * (q1 - 1):+.1f}% / "
               f"{100 * (q3 - 1):+.1f}%)")  # fmt: skip
     print("goal: ≤ 3%")
+    plain = {
+        f"batch-invariant decoding, batch {len(prompts)}": (
+            lambda: generate_batch(model, prompts, sampling, invariant=False),
+            lambda: generate_batch(model, prompts, sampling, invariant=True),
+        ),
+        "batch-invariant decoding, one prompt": (
+            lambda: generate_batch(model, prompts[:1], sampling, invariant=False),
+            lambda: generate_batch(model, prompts[:1], sampling, invariant=True),
+        ),
+    }
+    print(f"\n## (b') cost of batch-invariant decoding (default on a CPU), {args.pairs} pairs back to back")
+    for name, (off, on) in plain.items():
+        q1, median, q3 = statistics.quantiles(paired_ratios(off, {name: on}, args.device, args.pairs)[name], n=4,
+                                              method="inclusive")  # fmt: skip
+        print(f"{name:52s} time ×{median:.3f} (median; quartiles ×{q1:.3f} / ×{q3:.3f})")
 
-    # (c) memory against the number of chats: each size in a fresh process, so peaks do not mask each other
+
+def memory_figures(args: argparse.Namespace) -> None:
+    """(c) memory against the number of chats: each size in a fresh process, so peaks do not mask each other."""
     print("\n## (c) peak memory of a streaming extraction (all layers, response means) against the number of chats")
     for n in (16, 64, 256):
         command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dtype", args.dtype,
