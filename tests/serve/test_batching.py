@@ -7,9 +7,11 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import torch
 import transformers as tf
 
+from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, generate_batch, prompt_ids
 from personaxis.model import ChatModel
 from personaxis.serve.plan import Registry, make_plan
@@ -159,6 +161,8 @@ def test_a_sliding_window_model_falls_back_to_whole_batches(tokenizer, artifacts
     mistral = ChatModel(model=tf.MistralForCausalLM(config).eval(), tokenizer=tokenizer, name="tiny-mistral")
     registry = _registry(artifacts)
     assert not Worker(mistral, registry).continuous
+    with pytest.raises(PersonaxisError, match="tiny-mistral: batch-invariant decoding needs"):
+        Worker(mistral, registry, batch_invariant=True)
     specs = list(zip(QUESTIONS, EXTENSIONS, strict=True))
     together, sizes = _run_jobs(mistral, registry, specs)
     assert sizes == [len(specs)]

@@ -13,6 +13,7 @@ independent of the batch in bf16 too; see `serve.batcher` and `model.attention`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -25,7 +26,7 @@ import torch
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
-from personaxis.model.attention import ROWWISE, set_attention
+from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import spliceable
 from personaxis.serve.batcher import RunningBatch
 from personaxis.serve.plan import Plan, Registry
@@ -93,10 +94,13 @@ class Worker:
         self.continuous = self._can_splice()
         if batch_invariant is None:
             batch_invariant = self.continuous and model.batch_invariant
-        if batch_invariant and not self.continuous:
-            raise PersonaxisError("batch-invariant decoding needs a model whose KV cache is plain key/value tensors")
+        if batch_invariant and not (self.continuous and supports_rowwise(model.config)):
+            raise PersonaxisError(
+                f"{model.name}: batch-invariant decoding needs plain key/value caches and attention without sliding "
+                "windows or soft-capping"
+            )
         self.batch_invariant = batch_invariant
-        self._attention: str | None = None  # the model's own attention, while batch-invariant attention replaces it
+        self._invariance = contextlib.ExitStack()  # row-wise attention while the worker runs
         self._decoding = 0
 
     def _can_splice(self) -> bool:
@@ -109,7 +113,7 @@ class Worker:
 
     def start(self) -> None:
         if self.batch_invariant:
-            self._attention = set_attention(self.model.model, ROWWISE)
+            self._invariance.enter_context(rowwise(self.model.model))
         self._thread.start()
 
     def stop(self) -> None:
@@ -117,9 +121,7 @@ class Worker:
             self._stopped = True
             self._cond.notify_all()
         self._thread.join(timeout=30)
-        if self._attention is not None:
-            set_attention(self.model.model, self._attention)
-            self._attention = None
+        self._invariance.close()
 
     @property
     def waiting(self) -> int:
