@@ -7,7 +7,15 @@ import personaxis.runs
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, generate
 from personaxis.store import RunStore
-from personaxis.traits.calibrate import CalibrateSettings, Cell, calibrate, choose, default_layers, layer_spearman
+from personaxis.traits.calibrate import (
+    CalibrateSettings,
+    Cell,
+    calibrate,
+    choose,
+    default_layers,
+    layer_spearman,
+    repetition,
+)
 from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_trait
 from personaxis.traits.steer import SteeredBackend, trait_steer_op, trait_steering
 
@@ -31,6 +39,50 @@ def test_choice_is_the_strongest_coherent_effect():
     assert (choose(GRID, coherence_min=65).layer, choose(GRID, coherence_min=65).coef) == (12, 0.2)
     assert choose(GRID, coherence_min=99) is None
     assert choose([cell(4, -0.5, 99, 99), cell(None, 0.0, 99, 99)], 50) is None  # only c > 0 elicits
+    assert choose([cell(None, 0.0, 50, 90), cell(4, 0.2, 50, 90), cell(4, 0.4, 49, 90)], 50) is None  # no gain
+
+
+def test_choice_skips_looping_replies():
+    grid = [cell(4, 0.2, 60, 80), Cell(4, 0.4, 75, 70, 5, 5, 5, repetition=0.8), Cell(8, 0.4, 65, 75, 5, 5, 5, 0.1)]
+    assert (choose(grid, 50).layer, choose(grid, 50).coef) == (4, 0.4)  # no limit by default
+    assert (choose(grid, 50, repetition_max=0.5).layer, choose(grid, 50, repetition_max=0.5).coef) == (8, 0.4)
+    assert choose(grid[1:2], 50, repetition_max=0.5) is None
+    with pytest.raises(PersonaxisError, match="repetition limit"):
+        CalibrateSettings(repetition_max=1.5)
+
+
+def _repeated_share(text, width):
+    """Reference: walk the windows in order and count those seen before."""
+    seen, repeats, total = [], 0, 0
+    for i in range(len(text) - width + 1):
+        window = text[i : i + width]
+        total += 1
+        if window in seen:
+            repeats += 1
+        seen.append(window)
+    return repeats / total if total else 0.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "short",
+        "The quick brown fox jumps over the lazy dog.",
+        "to do, to do, to do, to do, to do, to do, to do, to do, to do",
+        "Fake-up." + "\n" * 60,
+        "I'm glad you caught it! I'm glad you caught it! Thank you.",
+    ],
+)
+def test_repetition_matches_reference(text):
+    for width in (3, 10):
+        assert repetition(text, width) == pytest.approx(_repeated_share(text, width))
+
+
+def test_repetition_separates_prose_from_loops():
+    prose = "Split the bill by what each person ordered, add the tip in proportion, and settle it with one app."
+    assert repetition(prose) < 0.1
+    assert repetition("To improve on, to continue, to do, to do, to do, to do, to do, to do, to do, to do") > 0.5
 
 
 def test_layer_curves_include_the_shared_baseline():
@@ -64,9 +116,14 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
     assert result["settings"]["coefs"] == [-2.0, 0.0, 2.0, 4.0]
     texts = {(s["layer"], s["coef"], s["question"]): s["text"] for s in result["samples"]}
     assert texts[(2, 4.0, 0)] != texts[(None, 0.0, 0)]  # steering changed the reply
+    assert all(s["repetition"] == repetition(s["text"]) for s in result["samples"])
+    for c in result["cells"]:
+        mine = [s["repetition"] for s in result["samples"] if (s["layer"], s["coef"]) == (c["layer"], c["coef"])]
+        assert c["repetition"] == pytest.approx(sum(mine) / len(mine))
     choice = result["choice"]
     best = max((c for c in result["cells"] if c["coef"] > 0), key=lambda c: (c["trait"], -c["coef"]))
     assert (choice["layer"], choice["coef"]) == (best["layer"], best["coef"])
+    assert choice["trait"] > result["baseline"]["trait"]
     assert set(result["spearman"]) == {"1", "2"}
 
     judge = hash_judge(cache=store)

@@ -20,11 +20,14 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
     vectors = run / files.VECTORS
 
     code, out, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, "--layers", "1,2",
-                         "--coefs", "-1,0,1,2", "--questions", "2", "--coherence-min", "0")  # fmt: skip
+                         "--coefs", "-1,0,0.5,1,2,4", "--questions", "2", "--coherence-min", "0")  # fmt: skip
     assert code == 0, err
     assert "chose layer" in out and (run / files.CALIBRATION_PLOT).stat().st_size > 1000
     choice = Vectors.load(vectors).meta.extra["calibration"]["choice"]
-    assert choice["layer"] in (1, 2) and choice["coef"] in (1.0, 2.0)
+    cells = json.loads((run / files.CALIBRATION).read_text())["cells"]
+    baseline = next(c["trait"] for c in cells if c["layer"] is None)
+    best = max((c for c in cells if c["coef"] > 0), key=lambda c: (c["trait"], -c["coef"]))  # the hash judge's pick
+    assert (choice["layer"], choice["coef"]) == (best["layer"], best["coef"]) and choice["trait"] > baseline
 
     code, out, err = cli("trait", "monitor-eval", trait_file, *common, "--vectors", vectors, "--questions", "2")
     assert code == 0, err
@@ -48,6 +51,16 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
     code, out, err = cli("monitor", "--model", folder, "--vectors", vectors, "--chat", chats, "--layer", "0")
     assert code == 0, err
     assert "layer 0" in out
+
+    # a sweep where no setting qualifies stores no choice; a bad limit is one line
+    strict = ["--layers", "1,2", "--coefs", "-1,0,0.5,1,2,4", "--questions", "2", "--run", tmp_path / "strict"]
+    code, out, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, *strict,
+                         "--coherence-min", "101")  # fmt: skip
+    assert code == 0 and "nothing chosen" in err, err
+    assert Vectors.load(vectors).meta.extra["calibration"]["choice"] is None
+    code, _, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, *strict,
+                       "--repetition-max", "2")  # fmt: skip
+    assert code == 2 and "repetition limit must lie in 0-1" in err and len(err.strip().splitlines()) == 1
 
 
 def test_extract_with_replies_from_a_server(cli, folder, trait_file, fake_openai, tmp_path):

@@ -4,8 +4,14 @@ The sweep steers the reply to each held-out evaluation question (no system promp
 c · mean_norm_i · v̂_i at one layer i at a time, for every strength c in a grid that includes 0 (the unsteered
 baseline, shared by all layers) and negative values (suppression). The judge scores each reply for the trait and for
 coherence. The choice is the (layer, c > 0) cell with the highest mean trait score among the cells whose mean
-coherence stays at or above `coherence_min`: the largest trait effect that still reads as language. The strength is
+coherence stays at or above `coherence_min` and that beats the baseline: the largest trait effect that still reads
+as language (none, if no such cell raises the score). The strength is
 in relative units, so it transfers between layers whose residual norms differ by an order of magnitude.
+
+Small local judges score a reply stuck in a loop ("to do, to do, to do, ...") as fairly coherent, and over-steered
+replies loop long before they stop being words. So each reply also gets a judge-free `repetition` (the share of its
+10-character windows seen earlier in it: about 0.05 for ordinary prose, 0.5-0.9 for a loop), and a cell whose mean
+repetition exceeds `repetition_max` is never chosen.
 
 Replies are greedy by default: with a handful of questions per cell, sampling noise would swamp the dose-response
 curve that the choice is read from.
@@ -52,6 +58,7 @@ class CalibrateSettings:
     seed: int = 0
     batch_size: int = 8
     coherence_min: float = 50.0
+    repetition_max: float = 0.5  # 1.0: no limit
     units: str = "relative"
 
     def __post_init__(self) -> None:
@@ -59,6 +66,8 @@ class CalibrateSettings:
             raise PersonaxisError("give at least one finite steering coefficient")
         if self.samples < 1 or self.batch_size < 1 or (self.questions is not None and self.questions < 1):
             raise PersonaxisError("questions, samples and batch size must be at least 1")
+        if not 0.0 <= self.repetition_max <= 1.0:
+            raise PersonaxisError(f"the repetition limit must lie in 0-1, got {self.repetition_max:g}")
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Cell:
     n: int
     n_trait: int  # replies with a defined trait score
     n_coherence: int
+    repetition: float | None = None  # mean share of repeated 10-character windows (None in older calibrations)
 
 
 def default_layers(n_layers: int, count: int = 5) -> list[int]:
@@ -82,15 +92,26 @@ def default_layers(n_layers: int, count: int = 5) -> list[int]:
     return sorted({round(lo + k * (hi - lo) / (count - 1)) for k in range(count)})
 
 
-def choose(cells: Sequence[Cell], coherence_min: float) -> Cell | None:
-    """The steered cell (c > 0) with the highest mean trait score whose mean coherence is ≥ `coherence_min`.
+def repetition(text: str, width: int = 10) -> float:
+    """The share of the text's `width`-character windows that repeat an earlier window: 0 for text that never
+    repeats itself, near 1 for a loop. Text shorter than one window counts as not repetitive."""
+    windows = [text[i : i + width] for i in range(len(text) - width + 1)]
+    return 1.0 - len(set(windows)) / len(windows) if windows else 0.0
+
+
+def choose(cells: Sequence[Cell], coherence_min: float, repetition_max: float = 1.0) -> Cell | None:
+    """The steered cell (c > 0) with the highest mean trait score whose mean coherence is ≥ `coherence_min` and
+    whose mean repetition is ≤ `repetition_max`, provided it scores above the unsteered baseline: a setting that
+    does not raise the trait is no choice.
 
     Ties go to the smaller strength (less damage for the same effect), then to the earlier layer.
     """
+    baseline = next((c.trait for c in cells if c.layer is None and c.trait is not None), -math.inf)
     eligible = [
         c for c in cells
-        if c.layer is not None and c.coef > 0 and c.trait is not None
+        if c.layer is not None and c.coef > 0 and c.trait is not None and c.trait > baseline
         and c.coherence is not None and c.coherence >= coherence_min
+        and (c.repetition is None or c.repetition <= repetition_max)
     ]  # fmt: skip
     if not eligible:
         return None
@@ -157,8 +178,9 @@ def calibrate(
             records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
             for r in rollouts:
                 q = int(r.id.split("/")[0][1:])
-                rows.append({"layer": layer, "coef": coef, "question": q, "question_text": questions[q],
-                             "text": records[r.id].data["text"]})  # fmt: skip
+                text = records[r.id].data["text"]
+                rows.append({"layer": layer, "coef": coef, "question": q, "question_text": questions[q], "text": text,
+                             "repetition": repetition(text)})  # fmt: skip
             bar.advance(task)
 
     judged, counts = judge_replies(
@@ -172,14 +194,16 @@ def calibrate(
         mine = [r for r in rows if r["layer"] == layer and r["coef"] == coef]
         traits = [r["trait"] for r in mine if r["trait"] is not None]
         coherences = [r["coherence"] for r in mine if r["coherence"] is not None]
-        cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences)))
-    best = choose(cells, settings.coherence_min)
+        cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences),
+                          _mean([r["repetition"] for r in mine])))  # fmt: skip
+    best = choose(cells, settings.coherence_min, settings.repetition_max)
     baseline = cells[0]
     choice = None
     if best is not None:
         choice = {
             "layer": best.layer, "coef": best.coef, "units": settings.units, "trait": best.trait,
-            "coherence": best.coherence, "effect": None if baseline.trait is None else best.trait - baseline.trait,
+            "coherence": best.coherence, "repetition": best.repetition,
+            "effect": None if baseline.trait is None else best.trait - baseline.trait,
         }  # fmt: skip
     return {
         "trait": trait.name,

@@ -178,6 +178,9 @@ def calibrate(
     max_tokens: int = 64,
     temperature: float = 0.0,
     coherence_min: float = 50.0,
+    repetition_max: Annotated[
+        float, typer.Option(help="never choose a setting whose replies repeat more than this share of themselves (0-1)")
+    ] = 0.5,
     batch_size: int = 8,
     run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
     any_counts: AnyCountsOpt = False,
@@ -195,7 +198,8 @@ def calibrate(
     _check_judge(judge)
     settings = cal.CalibrateSettings(
         coefs=_floats(coefs, "--coefs") if coefs else cal.DEFAULT_COEFS, questions=questions, samples=samples,
-        max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min, batch_size=batch_size,
+        max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min,
+        repetition_max=repetition_max, batch_size=batch_size,
     )  # fmt: skip
     m = _load(model, dtype, device)
     v = _vectors(vectors, m)
@@ -220,8 +224,9 @@ def calibrate(
         )
     else:
         err.print(
-            f"[yellow]no steered setting kept coherence ≥ {coherence_min:g}: nothing chosen[/yellow] "
-            f"(plot {store.path / CALIBRATION_PLOT}); try smaller --coefs"
+            f"[yellow]no steered setting raised the trait score above the unsteered baseline with coherence ≥ "
+            f"{coherence_min:g} and repetition ≤ {repetition_max:g}: nothing chosen[/yellow] "
+            f"(plot {store.path / CALIBRATION_PLOT}); try other --coefs or --layers"
         )
 
 

@@ -119,7 +119,8 @@ def _calibration(c: dict[str, Any]) -> list[str]:
     out = ["## Steering calibration", "",
            f"{s['questions']} evaluation questions × {s['samples']} sample(s) per point, {s['max_new_tokens']} tokens, "
            f"temperature {s['temperature']:g}; strength in {s['units']} units; coherence threshold "
-           f"{s['coherence_min']:g}.", "",
+           f"{s['coherence_min']:g}" + (f", repetition limit {s['repetition_max']:g}" if "repetition_max" in s else "")
+           + ".", "",
            f"Unsteered baseline: trait {_num(c['baseline']['trait'])}, coherence {_num(c['baseline']['coherence'])}.",
            ""]  # fmt: skip
     choice = c.get("choice")
@@ -127,7 +128,8 @@ def _calibration(c: dict[str, Any]) -> list[str]:
         out += [f"**Chosen: layer {choice['layer']}, c = {choice['coef']:g}** (trait {_num(choice['trait'])}, "
                 f"coherence {_num(choice['coherence'])}, effect {_num(choice['effect'], '+.1f')}).", ""]  # fmt: skip
     else:
-        out += ["**No steered setting kept coherence above the threshold**: no choice was stored.", ""]
+        out += ["**No steered setting raised the trait score above the baseline within the coherence and repetition "
+                "limits**: no choice was stored.", ""]  # fmt: skip
     out += ["| layer | Spearman ρ (trait vs strength) | " + " | ".join(f"c={x:g}" for x in s["coefs"]) + " |",
             "|---|---|" + "---|" * len(s["coefs"])]  # fmt: skip
     by = {(cell["layer"], cell["coef"]): cell for cell in c["cells"]}
@@ -138,8 +140,13 @@ def _calibration(c: dict[str, Any]) -> list[str]:
             row.append(f"{_num(cell['trait'], '.0f')} / {_num(cell['coherence'], '.0f')}" if cell else "—")
         rho = c["spearman"].get(str(layer))
         out.append(f"| {layer} | {_num(rho, '+.2f')} | " + " | ".join(row) + " |")
-    out += ["", "Cells are trait / coherence means.", "", f"![calibration]({'calibration.png'})", ""]
-    return out
+    out += ["", "Cells are trait / coherence means.", ""]
+    limit = s.get("repetition_max", 1.0)
+    looping = [cell for cell in c["cells"] if (cell.get("repetition") or 0.0) > limit]
+    if looping:
+        cells = ", ".join(f"layer {x['layer']} c={x['coef']:g} ({x['repetition']:.2f})" for x in looping)
+        out += [f"Not eligible, their replies loop (mean repetition above {limit:g}): {cells}.", ""]
+    return out + [f"![calibration]({'calibration.png'})", ""]
 
 
 def _monitor(m: dict[str, Any]) -> list[str]:
