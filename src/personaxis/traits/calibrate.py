@@ -4,9 +4,9 @@ The sweep steers the reply to each held-out evaluation question (no system promp
 c · mean_norm_i · v̂_i at one layer i at a time, for every strength c in a grid that includes 0 (the unsteered
 baseline, shared by all layers) and negative values (suppression). The judge scores each reply for the trait and for
 coherence. The choice is the (layer, c > 0) cell with the highest mean trait score among the cells whose mean
-coherence stays at or above `coherence_min` and that beats the baseline: the largest trait effect that still reads
-as language (none, if no such cell raises the score). The strength is
-in relative units, so it transfers between layers whose residual norms differ by an order of magnitude.
+coherence stays at or above `coherence_min` and that beat the baseline: the largest trait effect that still reads as
+language (none, if no such cell raises the score). The strength is in relative units, so it transfers between layers
+whose residual norms differ by an order of magnitude.
 
 Small local judges score a reply stuck in a loop ("to do, to do, to do, ...") as fairly coherent, and over-steered
 replies loop long before they stop being words. So each reply also gets a judge-free `repetition` (the share of its
