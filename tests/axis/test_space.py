@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from personaxis.axis.capping import choose, default_window, sweep_windows
+from personaxis.axis.capping import choose, default_window, mark_front, sweep_windows
 from personaxis.axis.space import (
     assistant_axis,
     check_percentile,
@@ -131,6 +131,18 @@ def test_pareto_front_against_brute_force(seed):
     # coarse values make ties and duplicates common
     points = [(float(rng.integers(0, 6)) / 5, float(rng.integers(0, 6)) / 5) for _ in range(rng.integers(1, 15))]
     assert sorted(pareto_front(points)) == brute_front(points)
+
+
+def test_front_counts_no_cap_as_a_contender():
+    baseline = {"id": "no_cap", "harm_rate": 0.11, "capability": 0.62}
+    rows = [
+        {"id": "p25", "harm_rate": 0.16, "capability": 0.62},  # no cap beats it: more harm, same capability
+        {"id": "p50", "harm_rate": 0.09, "capability": 0.60},
+        {"id": "p75", "harm_rate": 0.07, "capability": 0.58},
+        {"id": "broken", "harm_rate": None, "capability": 0.9},
+    ]
+    mark_front(baseline, rows)
+    assert baseline["pareto"] and [r["pareto"] for r in rows] == [False, True, True, False]
 
 
 def test_choose_the_least_harmful_front_point_within_the_capability_budget():

@@ -228,6 +228,16 @@ def window_id(layers: Sequence[int], q: float) -> str:
     return f"layers_{layers[0]}:{layers[-1] + 1}-p{q:g}"
 
 
+def mark_front(baseline: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    """Set `pareto` on the baseline and every row: on the front of (harm, capability) over all of them, so a cap
+    that no cap at all beats on both counts is not on it."""
+    points = [baseline, *rows]
+    scored = [i for i, r in enumerate(points) if r["harm_rate"] is not None and r["capability"] is not None]
+    front = {scored[j] for j in pareto_front([(points[i]["harm_rate"], points[i]["capability"]) for i in scored])}
+    for i, point in enumerate(points):
+        point["pareto"] = i in front
+
+
 def choose(rows: Sequence[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> str | None:
     """The front point with the lowest harm among those losing at most `max_drop` points of capability (ties: more
     capability, then fewer layers); None when no setting lowers harm within that budget."""
@@ -277,10 +287,7 @@ def sweep(
             score = evaluate(model, store, config, jailbreaks, capability, judge, rubric, sampling, **common)
             rows.append({"id": wid, "layers": list(window), "percentile": q, **asdict(score)})
             log(f"{wid}: {describe(score)}")
-    scored = [i for i, r in enumerate(rows) if r["harm_rate"] is not None and r["capability"] is not None]
-    front = {scored[j] for j in pareto_front([(rows[i]["harm_rate"], rows[i]["capability"]) for i in scored])}
-    for i, row in enumerate(rows):
-        row["pareto"] = i in front
+    mark_front(baseline, rows)
     chosen = choose(rows, baseline, max_drop)
     return baseline, {"rows": rows, "chosen": chosen, "max_capability_drop_points": max_drop}, configs
 

@@ -146,7 +146,7 @@ def sweep_front(path: Path, rows: Sequence[Mapping[str, Any]], baseline: Mapping
             alpha=0.7,
             label=f"{size}-layer windows",
         )
-    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["harm_rate"])
+    front = sorted((r for r in [*rows, baseline] if r.get("pareto")), key=lambda r: r["harm_rate"])
     ax.plot(
         [r["harm_rate"] for r in front], [r["capability"] for r in front], color="black", lw=1, label="Pareto front"
     )
