@@ -10,8 +10,8 @@ whose residual norms differ by an order of magnitude.
 
 Small local judges score a reply stuck in a loop ("to do, to do, to do, ...") as fairly coherent, and over-steered
 replies loop long before they stop being words. So each reply also gets a judge-free `repetition` (the share of its
-10-character windows seen earlier in it: about 0.05 for ordinary prose, 0.5-0.9 for a loop), and a cell whose mean
-repetition exceeds `repetition_max` is never chosen.
+10-character windows seen earlier in it: a median of 0.02 for ordinary replies, 0.5-0.9 for a loop), and a cell whose
+mean repetition exceeds `repetition_max` is never chosen.
 
 Replies are greedy by default: with a handful of questions per cell, sampling noise would swamp the dose-response
 curve that the choice is read from.
