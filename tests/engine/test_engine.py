@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from personaxis.engine import Ablate, Add, Cap, Project, Record
+from personaxis.engine.hooks import _unwrap
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, generate_batch
 
@@ -117,6 +118,43 @@ def test_cap_leaves_assistant_like_tokens_untouched(tiny, ids):
     above = projections >= floor
     assert torch.equal(got[above], h[above])
     assert not torch.equal(got[~above], h[~above])
+
+
+@pytest.mark.parametrize("kind", ["cap", "ablate"])
+def test_bf16_interventions_are_fp32_math_rounded_once(bf16_model, kind):
+    """In a bf16 model the shift is computed in fp32 and the result rounded once: within a bf16 step of the exact
+    value, tokens a cap does not move are bit-identical, and the hit count is the number of moved tokens."""
+    torch.manual_seed(3)
+    ids = torch.randint(20, len(bf16_model.tokenizer), (3, 9))
+    layer, v = 2, torch.randn(bf16_model.hidden_size)
+    u = v / v.norm()
+    h = hidden_states(bf16_model, ids)[layer + 1]  # bf16, what the block gives unhooked
+    projections = h.float() @ u
+    floor = float(projections.quantile(0.4))
+    op = Cap({layer: v}, floor=floor) if kind == "cap" else Ablate({layer: v})
+    seen = {}
+    with torch.no_grad(), bf16_model.engine.apply([op]) as trace:
+        # registered after the engine's hook, so it sees the block's output as the next block will
+        hook = bf16_model.blocks[layer].register_forward_hook(lambda m, a, out: seen.update(out=_unwrap(out)))
+        try:
+            bf16_model.model(input_ids=ids)
+        finally:
+            hook.remove()
+    got = seen["out"]
+    assert got.dtype == torch.bfloat16
+    shift = (projections.clamp(min=floor) - projections) if kind == "cap" else -projections
+    exact = h.float() + shift[..., None] * u
+    # bf16 roundings of the shift·unit product and of the result: a relative 2^-8 of each term, no more
+    step = (h.float().abs() + (shift[..., None] * u).abs() + exact.abs()) * 2**-8
+    assert ((got.float() - exact).abs() <= step).all()
+    if kind == "cap":
+        untouched = shift == 0
+        assert untouched.any() and (~untouched).any()
+        assert torch.equal(got[untouched], h[untouched])
+        assert trace.cap_hits.tolist() == (~untouched).sum(dim=1).tolist()
+        assert ((got.float() @ u)[~untouched] - floor).abs().max() < 0.05 * max(1.0, abs(floor))
+    else:
+        assert (got.float() @ u).abs().max() < float(h.float().norm(dim=-1).max()) * 2**-6
 
 
 def test_project_matches_reference(tiny, ids):

@@ -6,8 +6,10 @@ absolute and padding is known even under `generate()` or a training loop) and on
 an op touches. With no ops nothing is attached, so outputs are bit-identical to the bare model. `engine.read(ops,
 **inputs)` runs one forward pass for readouts only and stops it after the deepest block they need.
 
-Inside a block hook the activation is cast to float32 once, every intervention of that layer is applied in order,
-readouts see the result, and it is cast back once. Tokens no op touches round-trip exactly (bf16 → fp32 → bf16).
+Inside a block hook the interventions of that layer are applied in order, then readouts see the result. Projections,
+shifts and readouts are computed in float32; each intervention writes back in the model's dtype with one fused,
+rounded-once kernel, and a token it does not move is exactly unchanged. Per capped layer a decoding step costs six
+kernels (cast, projection, clamp, shift, cast, update): the cap's hit count is kept as the shifts and counted on read.
 """
 
 from __future__ import annotations
@@ -51,7 +53,15 @@ class Trace:
     def __init__(self) -> None:
         self._records: dict[str, _RecordState] = {}
         self._projections: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
-        self.cap_hits: torch.Tensor | None = None  # [B]: token × layer positions a cap moved, per row (on device)
+        self._cap_shifts: list[torch.Tensor] = []  # [B, T] per capped layer and forward call
+
+    @property
+    def cap_hits(self) -> torch.Tensor | None:
+        """[B]: token × layer positions a cap moved, per row (on device); None when no cap ran."""
+        if not self._cap_shifts:
+            return None
+        device = self._cap_shifts[0].device
+        return torch.cat([shift.to(device) for shift in self._cap_shifts], dim=1).ne(0).sum(dim=1)
 
     def record_names(self) -> list[str]:
         return list(self._records)
@@ -338,17 +348,18 @@ class Engine:
                 unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
                 projection = hidden.float() @ unit  # fp32, whatever the model dtype
                 if isinstance(op, Ablate):
-                    shift = -projection
+                    shift, sign = projection, -1.0
                 else:
                     lo = op.floor[layer] if op.floor else None
                     hi = op.ceiling[layer] if op.ceiling else None
-                    shift = projection.clamp(min=lo, max=hi) - projection
+                    shift, sign = projection.clamp(min=lo, max=hi) - projection, 1.0
                 if mask is not None:
                     shift = shift * mask
                 if isinstance(op, Cap):
-                    hits = (shift != 0).sum(dim=1)
-                    trace.cap_hits = hits if trace.cap_hits is None else trace.cap_hits + hits
-                hidden = hidden + (shift[..., None] * unit).to(dtype)  # untouched tokens get + 0: exactly unchanged
+                    trace._cap_shifts.append(shift.detach())  # counted when read: no kernel per decoding step
+                # h + sign·shift·v̂ in one kernel; a token with shift 0 gets + 0 and is exactly unchanged
+                moved = self._copy(state, ("unit", id(op), layer), unit, device, dtype)
+                hidden = torch.addcmul(hidden, shift.to(dtype).unsqueeze(-1), moved, value=sign)
             if readouts:
                 work = hidden.detach().float()
                 for op in readouts:
