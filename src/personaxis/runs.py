@@ -139,7 +139,8 @@ def rollout_key(backend_identity: dict[str, Any], rollout: Rollout) -> str:
     )
 
 
-def _progress(description: str, enabled: bool) -> Progress:
+def progress_bar(description: str, enabled: bool = True) -> Progress:
+    """The bar every long stage shows: what, how far, how long left."""
     columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return Progress(*columns, disable=not enabled)
 
@@ -159,7 +160,7 @@ def run_rollouts(
         raise PersonaxisError("rollout ids must be unique")
     todo = set(store.pending(stage, keys.values()))
     pending = [r for r in rollouts if keys[r.id] in todo]
-    with _progress(f"{stage} ({len(rollouts) - len(pending)} done before)", progress) as bar:
+    with progress_bar(f"{stage} ({len(rollouts) - len(pending)} done before)", progress) as bar:
         task = bar.add_task("", total=len(pending))
         for results in backend.stream(pending) if pending else ():
             store.put_many(
@@ -212,7 +213,7 @@ def run_captures(
     keys = {cid: capture_key(model, chat, layers, aggregations) for cid, chat in chats.items()}
     todo = set(store.pending(stage, keys.values()))
     ids = [cid for cid in chats if keys[cid] in todo]
-    with _progress(f"{stage} ({len(chats) - len(ids)} done before)", progress) as bar:
+    with progress_bar(f"{stage} ({len(chats) - len(ids)} done before)", progress) as bar:
         task = bar.add_task("", total=len(ids))
         batches = iter_means(model, [chats[c] for c in ids], layers, aggregations, batch_size=batch_size)
         for chunk, means in batches if ids else ():

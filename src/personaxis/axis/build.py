@@ -42,7 +42,7 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel
-from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
+from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, progress_bar, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
@@ -182,6 +182,7 @@ def judge_roles(
     items: Sequence[tuple[str, Role, str, str]],
     *,
     retries: int = 1,
+    progress: bool = True,
 ) -> Judgement:
     """Score role adoption 0..max for (rollout id, role, question, reply) items, asking for labels "0".."max".
 
@@ -193,17 +194,20 @@ def judge_roles(
     scores: dict[str, int | None] = {}
     undefined = 0
     todo = list(prompts)
-    for _ in range(retries + 1):
+    for attempt in range(retries + 1):
         again = []
-        for start in range(0, len(todo), JUDGE_CHUNK):
-            chunk = todo[start : start + JUDGE_CHUNK]
-            for rid, result in zip(chunk, judge.classify_many([prompts[r] for r in chunk], labels), strict=True):
-                if result.failed:
-                    again.append(rid)
-                    scores[rid] = None
-                else:
-                    scores[rid] = None if result.label is None else int(result.label)
-                    undefined += result.label is None
+        with progress_bar("judging role adoption" + (f" (retry {attempt})" if attempt else ""), progress) as bar:
+            task = bar.add_task("", total=len(todo))
+            for start in range(0, len(todo), JUDGE_CHUNK):
+                chunk = todo[start : start + JUDGE_CHUNK]
+                for rid, result in zip(chunk, judge.classify_many([prompts[r] for r in chunk], labels), strict=True):
+                    if result.failed:
+                        again.append(rid)
+                        scores[rid] = None
+                    else:
+                        scores[rid] = None if result.label is None else int(result.label)
+                        undefined += result.label is None
+                bar.advance(task, len(chunk))
         todo = again
         if not todo:
             break
@@ -412,7 +416,7 @@ def build_axis(
             if r.labels["kind"] == "role" and records[r.id].data["text"].strip()
         ]
         log(f"judging role adoption of {len(items)} replies with {judge.judge_id}")
-        judgement = judge_roles(judge, rubric, items)
+        judgement = judge_roles(judge, rubric, items, progress=progress)
 
     info = {
         "model": model.name,

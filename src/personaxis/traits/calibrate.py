@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.runs import LocalBackend, Rollout, progress_bar, run_rollouts
 from personaxis.steering import steer_op
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
@@ -157,8 +155,7 @@ def calibrate(
     groups = [(None, 0.0)] + [(layer, c) for layer in layers for c in coefs if c != 0]
 
     rows: list[dict[str, Any]] = []
-    columns = (TextColumn("steering sweep"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar("steering sweep", progress) as bar:
         task = bar.add_task("", total=len(groups))
         for layer, coef in groups:
             rollouts = [

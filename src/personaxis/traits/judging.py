@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from personaxis.judge import Judge, ScoreResult, coherence_prompt, trait_prompt
+from personaxis.runs import progress_bar
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,7 @@ def judge_replies(
     missing = ScoreResult(None, 0.0, error="not asked")
     out: list[Judged] = []
     counts = JudgeCounts()
-    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(description, progress) as bar:
         task = bar.add_task("", total=len(items))
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
