@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 import torch
-from common import bench_model, chats, interleaved, paired_ratios
+from common import bench_model, chats, interleaved, operators_per_step, paired_ratios
 
 from personaxis.capture import encode_means, iter_means
 from personaxis.engine import Add, Cap
@@ -172,6 +172,14 @@ def generation_figures(args: argparse.Namespace, model, data) -> None:
         print(f"{name:52s} overhead {100 * (median - 1):+5.1f}% (median; quartiles {100 * (q1 - 1):+.1f}% / "
               f"{100 * (q3 - 1):+.1f}%)")  # fmt: skip
     print("goal: ≤ 3%")
+    print("operators per decoding step (each a kernel launch on a GPU, where small-batch decoding is launch-bound):")
+    per_op = {"no ops": ()} | {"steer (1 layer)": steer, f"cap ({len(window)}-layer window)": cap}
+    counts = {
+        name: operators_per_step(lambda n, o=o: generate_batch(model, prompts, Sampling(max_new_tokens=n), ops=o))
+        for name, o in per_op.items()
+    }
+    for name, count in counts.items():
+        print(f"{name:52s} {count:6.0f}   ×{count / counts['no ops']:.3f}")
     plain = {
         f"batch-invariant decoding, batch {len(prompts)}": (
             lambda: generate_batch(model, prompts, sampling, invariant=False),

@@ -11,6 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from personaxis.model import ChatModel, load_model
 
@@ -98,3 +99,27 @@ def paired_ratios(
             t_base, t_variant = (first, second) if r % 2 == 0 else (second, first)
             ratios[name].append(t_variant / t_base)
     return ratios
+
+
+class _OperatorCount(TorchDispatchMode):
+    """Counts the operators that reach a kernel (views excluded): on a GPU, each is one launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(generate: Callable[[int], object], steps: int = 4) -> float:
+    """Operators per decoding step of `generate(new_tokens)`: the difference between two lengths, so the prompt's
+    forward pass and the set-up cancel out. Device-independent, and exact: the launch count behind small-batch
+    decoding time on a GPU."""
+    counts = []
+    for new_tokens in (2, 2 + steps):
+        with _OperatorCount() as counter:
+            generate(new_tokens)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / steps
