@@ -157,6 +157,20 @@ def test_bf16_interventions_are_fp32_math_rounded_once(bf16_model, kind):
         assert (got.float() @ u).abs().max() < float(h.float().norm(dim=-1).max()) * 2**-6
 
 
+def test_cap_hits_are_the_same_whether_counted_at_the_end_or_folded_in_on_the_way(tiny, monkeypatch):
+    import personaxis.engine.hooks as hooks
+
+    torch.manual_seed(4)
+    prompts = [torch.randint(20, len(tiny.tokenizer), (n,)).tolist() for n in (5, 8, 3)]
+    v = torch.randn(H)
+    cap = [Cap({1: v, 2: v, 3: v}, floor=0.0)]
+    counts = []
+    for kept in (10_000, 3):  # 3: a fold at every decoding step
+        monkeypatch.setattr(hooks, "CAP_SHIFTS_KEPT", kept)
+        counts.append([g.cap_hits for g in generate_batch(tiny, prompts, Sampling(max_new_tokens=6), ops=cap)])
+    assert counts[0] == counts[1] and all(hits > 0 for hits in counts[0])
+
+
 def test_project_matches_reference(tiny, ids):
     layer, v = 2, torch.randn(H)
     h = hidden_states(tiny, ids)

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from personaxis.model.loading import ChatModel
 
 
+CAP_SHIFTS_KEPT = 512  # cap shifts kept uncounted, at most: a long generation folds them in now and then
+
+
 @dataclass
 class _Step:
     """What the current forward call covers: which tokens are real, and where they sit in the sequence."""
@@ -53,15 +56,28 @@ class Trace:
     def __init__(self) -> None:
         self._records: dict[str, _RecordState] = {}
         self._projections: dict[str, dict[int, list[tuple[int, torch.Tensor]]]] = {}
-        self._cap_shifts: list[torch.Tensor] = []  # [B, T] per capped layer and forward call
+        self._cap_shifts: list[torch.Tensor] = []  # [B, T] per capped layer and forward call, not yet counted
+        self._cap_counted: torch.Tensor | None = None  # [B] hits of the shifts already folded in
 
     @property
     def cap_hits(self) -> torch.Tensor | None:
         """[B]: token × layer positions a cap moved, per row (on device); None when no cap ran."""
+        self._fold_cap_shifts()
+        return self._cap_counted
+
+    def _add_cap_shift(self, shift: torch.Tensor) -> None:
+        self._cap_shifts.append(shift.detach())
+        if len(self._cap_shifts) >= CAP_SHIFTS_KEPT:
+            self._fold_cap_shifts()
+
+    def _fold_cap_shifts(self) -> None:
+        """Count the kept shifts in one go: a cap's hit count costs no kernel per decoding step."""
         if not self._cap_shifts:
-            return None
+            return
         device = self._cap_shifts[0].device
-        return torch.cat([shift.to(device) for shift in self._cap_shifts], dim=1).ne(0).sum(dim=1)
+        hits = torch.cat([shift.to(device) for shift in self._cap_shifts], dim=1).ne(0).sum(dim=1)
+        self._cap_counted = hits if self._cap_counted is None else self._cap_counted.to(device) + hits
+        self._cap_shifts.clear()
 
     def record_names(self) -> list[str]:
         return list(self._records)
@@ -356,7 +372,7 @@ class Engine:
                 if mask is not None:
                     shift = shift * mask
                 if isinstance(op, Cap):
-                    trace._cap_shifts.append(shift.detach())  # counted when read: no kernel per decoding step
+                    trace._add_cap_shift(shift)
                 # h + sign·shift·v̂ in one kernel; a token with shift 0 gets + 0 and is exactly unchanged
                 moved = self._copy(state, ("unit", id(op), layer), unit, device, dtype)
                 hidden = torch.addcmul(hidden, shift.to(dtype).unsqueeze(-1), moved, value=sign)
