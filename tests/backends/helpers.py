@@ -3,6 +3,7 @@ scripted faults."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -10,10 +11,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 
 import torch
+from loopback import loopback
 from tiny import build_tokenizer, tiny_llama
 
 WORDS = "the quick brown fox jumps over lazy dog sea waves wind pirate hello there fine thank you".split()
@@ -63,28 +65,30 @@ class FakeOpenAI:
         self.healed = False
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.server.fake = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.base_url = ""
+        self._server = contextlib.ExitStack()
 
     def heal(self) -> None:
         self.healed = True
 
     def __enter__(self) -> FakeOpenAI:
-        self.thread.start()
+        self.base_url = self._server.enter_context(loopback(self.answer))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._server.close()
 
-    def answer(self, body: dict, authorization: str) -> tuple[int, dict]:
+    def answer(self, body: dict, headers: Message) -> tuple[int, dict]:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._answer(body, headers.get("Authorization", ""))
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _answer(self, body: dict, authorization: str) -> tuple[int, dict]:
         if self.key is not None and authorization != f"Bearer {self.key}":
             return 401, {"error": {"message": "bad key", "type": "invalid_request_error"}}
         if body.get("model") != self.model:
@@ -109,31 +113,3 @@ class FakeOpenAI:
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": len(text.split()), "total_tokens": 1},
         }
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with fake.lock:
-            fake.in_flight += 1
-            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-        try:
-            status, payload = fake.answer(body, self.headers.get("Authorization", ""))
-        finally:
-            with fake.lock:
-                fake.in_flight -= 1
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass  # the client gave up (timeout) before the answer came
-
-    def log_message(self, *args: object) -> None:
-        pass

@@ -1,14 +1,13 @@
 """OpenAIJudge against a fake OpenAI-compatible server on loopback whose top_logprobs the tests control."""
 
 import asyncio
-import json
 import math
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from loopback import loopback
 
 from personaxis.errors import PersonaxisError
 from personaxis.judge import ROLE_ADOPTION_LABELS, OpenAIJudge
@@ -47,6 +46,23 @@ class FakeEndpoint:
         steps = self.plans.get(marker, [{}])
         return steps[min(n, len(steps) - 1)]
 
+    def answer(self, body: dict, headers) -> tuple[int, dict]:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            step = self.step(body)
+            time.sleep(self.latency)
+            if isinstance(step, tuple):  # ("sleep", seconds, top): answer too late
+                time.sleep(step[1])
+                step = step[2]
+            if isinstance(step, int):
+                return step, {"error": {"message": f"status {step}", "type": "server_error"}}
+            return 200, completion(body["model"], step)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
 
 def completion(model: str, top: dict[str, float]) -> dict:
     alts = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in top.items()]
@@ -68,55 +84,11 @@ def completion(model: str, top: dict[str, float]) -> dict:
     }
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        fake: FakeEndpoint = self.server.fake  # type: ignore[attr-defined]
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with fake.lock:
-            fake.in_flight += 1
-            fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-        try:
-            step = fake.step(body)
-            time.sleep(fake.latency)
-            if isinstance(step, tuple):  # ("sleep", seconds, top): answer too late
-                time.sleep(step[1])
-                step = step[2]
-            if isinstance(step, int):
-                self.reply(step, {"error": {"message": f"status {step}", "type": "server_error"}})
-            else:
-                self.reply(200, completion(body["model"], step))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up waiting
-        finally:
-            with fake.lock:
-                fake.in_flight -= 1
-
-    def reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def fake():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.fake = FakeEndpoint()  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    server.fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
-    yield server.fake  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    endpoint = FakeEndpoint()
+    with loopback(endpoint.answer) as endpoint.url:
+        yield endpoint
 
 
 def judge_for(fake, **kw) -> OpenAIJudge:

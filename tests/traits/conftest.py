@@ -4,11 +4,10 @@ import functools
 import hashlib
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from cli_runner import invoke
+from loopback import loopback
 
 from personaxis.judge import Distribution, Judge
 from personaxis.traits.library import parse_trait
@@ -98,34 +97,11 @@ class FakeOpenAI:
         }  # fmt: skip
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        data = json.dumps(self.server.fake.answer(body)).encode()  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def fake_openai():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.fake = FakeOpenAI()  # type: ignore[attr-defined]
-    server.fake.url = f"http://127.0.0.1:{server.server_address[1]}/v1"  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    yield server.fake  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    fake = FakeOpenAI()
+    with loopback(lambda body, headers: (200, fake.answer(body))) as fake.url:
+        yield fake
 
 
 @pytest.fixture
