@@ -109,8 +109,14 @@ class _OperatorCount(TorchDispatchMode):
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.count += not (func.is_view and _shares_storage(out, args[0]))  # `to` is a view only when a no-op
+        return out
+
+
+def _shares_storage(a: object, b: object) -> bool:
+    tensors = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return tensors and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def operators_per_step(generate: Callable[[int], object], steps: int = 4) -> float:
