@@ -8,8 +8,9 @@ an op touches. With no ops nothing is attached, so outputs are bit-identical to 
 
 Inside a block hook the interventions of that layer are applied in order, then readouts see the result. Projections,
 shifts and readouts are computed in float32; each intervention writes back in the model's dtype with one fused,
-rounded-once kernel, and a token it does not move is exactly unchanged. Per capped layer a decoding step costs six
-kernels (cast, projection, clamp, shift, cast, update): the cap's hit count is kept as the shifts and counted on read.
+rounded-once kernel, and a token it does not move is exactly unchanged. Per capped layer of a bf16 model a decoding
+step costs six kernels (cast, projection, clamp, shift, cast, update): the hit count is counted from the kept shifts
+on read.
 """
 
 from __future__ import annotations
