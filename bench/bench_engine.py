@@ -173,7 +173,7 @@ def generation_figures(args: argparse.Namespace, model, data) -> None:
               f"{100 * (q3 - 1):+.1f}%)")  # fmt: skip
     print("goal: ≤ 3%")
     print("operators per decoding step (each a kernel launch on a GPU, where small-batch decoding is launch-bound):")
-    per_op = {"no ops": ()} | {"steer (1 layer)": steer, f"cap ({len(window)}-layer window)": cap}
+    per_op = {"no ops": (), "steer (1 layer)": steer, f"cap ({len(window)}-layer window)": cap}
     counts = {
         name: operators_per_step(lambda n, o=o: generate_batch(model, prompts, Sampling(max_new_tokens=n), ops=o))
         for name, o in per_op.items()
