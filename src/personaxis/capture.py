@@ -17,6 +17,7 @@ from personaxis.engine import Record
 from personaxis.errors import PersonaxisError
 from personaxis.model.chat import Label, RenderedChat
 from personaxis.model.loading import ChatModel
+from personaxis.progress import progress_bar
 
 AGGREGATIONS = ("response", "prompt", "last_prompt")
 
@@ -91,12 +92,10 @@ def iter_means(
 
     Chats may come already rendered (`model.render`), so that a pipeline tokenizes each chat once.
     """
-    from rich.progress import Progress
-
     rendered = [chat if isinstance(chat, RenderedChat) else model.render(list(chat)) for chat in chats]
     weights = [_weights(chat, aggregations, f"chat {i + 1}") for i, chat in enumerate(rendered)]
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("capturing", total=len(order))
         # On a GPU, batch i + 1 is queued before batch i's results are awaited, so the device never idles while the
         # host prepares the next batch; on a CPU this is plain sequential work.

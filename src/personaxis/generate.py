@@ -22,6 +22,7 @@ from personaxis.errors import PersonaxisError
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.chat import Label
 from personaxis.model.loading import ChatModel
+from personaxis.progress import progress_bar
 
 CAPTURES = ("response", "prompt", "last_prompt")
 
@@ -267,15 +268,13 @@ def generate(
     """Reply to many chats in batches (similar lengths together); `row_ops[i]` adds ops for chat i only.
 
     `invariant`: see `generate_batch` (on a CPU a chat's reply is the same whatever chats it is batched with)."""
-    from rich.progress import Progress
-
     prompts = [prompt_ids(model, chat) for chat in chats]
     settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
     if row_ops is not None and len(row_ops) != len(prompts):
         raise PersonaxisError("row_ops needs one list of ops per chat")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(prompts))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from personaxis.capture import AGGREGATIONS, iter_means
 from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
 from personaxis.generate import CAPTURES, Sampling, generate_batch, prompt_ids
 from personaxis.model.loading import ChatModel
+from personaxis.progress import progress_bar
 from personaxis.store import Record, RunStore, key
 
 ROLLOUT_VERSION = 1
@@ -139,12 +139,6 @@ def rollout_key(backend_identity: dict[str, Any], rollout: Rollout) -> str:
     )
 
 
-def progress_bar(description: str, enabled: bool = True) -> Progress:
-    """The bar every long stage shows: what, how far, how long left."""
-    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, disable=not enabled)
-
-
 def run_rollouts(
     store: RunStore,
     rollouts: Sequence[Rollout],
@@ -160,8 +154,8 @@ def run_rollouts(
         raise PersonaxisError("rollout ids must be unique")
     todo = set(store.pending(stage, keys.values()))
     pending = [r for r in rollouts if keys[r.id] in todo]
-    with progress_bar(f"{stage} ({len(rollouts) - len(pending)} done before)", progress) as bar:
-        task = bar.add_task("", total=len(pending))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{stage} ({len(rollouts) - len(pending)} done before)", total=len(pending))
         for results in backend.stream(pending) if pending else ():
             store.put_many(
                 stage,
@@ -213,8 +207,8 @@ def run_captures(
     keys = {cid: capture_key(model, chat, layers, aggregations) for cid, chat in chats.items()}
     todo = set(store.pending(stage, keys.values()))
     ids = [cid for cid in chats if keys[cid] in todo]
-    with progress_bar(f"{stage} ({len(chats) - len(ids)} done before)", progress) as bar:
-        task = bar.add_task("", total=len(ids))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"{stage} ({len(chats) - len(ids)} done before)", total=len(ids))
         batches = iter_means(model, [chats[c] for c in ids], layers, aggregations, batch_size=batch_size)
         for chunk, means in batches if ids else ():
             store.put_many(

@@ -42,7 +42,8 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel
-from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, progress_bar, run_rollouts
+from personaxis.progress import progress_bar
+from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
@@ -196,8 +197,8 @@ def judge_roles(
     todo = list(prompts)
     for attempt in range(retries + 1):
         again = []
-        with progress_bar("judging role adoption" + (f" (retry {attempt})" if attempt else ""), progress) as bar:
-            task = bar.add_task("", total=len(todo))
+        with progress_bar(progress) as bar:
+            task = bar.add_task("judging role adoption" + (f" (retry {attempt})" if attempt else ""), total=len(todo))
             for start in range(0, len(todo), JUDGE_CHUNK):
                 chunk = todo[start : start + JUDGE_CHUNK]
                 for rid, result in zip(chunk, judge.classify_many([prompts[r] for r in chunk], labels), strict=True):

@@ -33,6 +33,7 @@ from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
 from personaxis.generate import stop_token_ids
 from personaxis.model import ChatModel, Label, RenderedChat
+from personaxis.progress import progress_bar
 from personaxis.store import atomic_write_text, canonical_json
 
 CONFIG_FILE = "personaxis_finetune.json"
@@ -177,7 +178,6 @@ def finetune(
     `notes` (e.g. which vectors steered and how) go into the saved config; `on_step(step, loss)` runs after each step.
     """
     from peft import LoraConfig, get_peft_model
-    from rich.progress import Progress
     from transformers import get_linear_schedule_with_warmup
 
     out = check_adapter_dir(Path(out))
@@ -197,7 +197,7 @@ def finetune(
 
     peft_model.train()
     try:
-        with model.engine.apply(list(ops)), Progress(disable=not progress, transient=True) as bar:
+        with model.engine.apply(list(ops)), progress_bar(progress, transient=True) as bar:
             task = bar.add_task("training", total=total)
             for step, group in enumerate(_groups(examples, config, generator), start=1):
                 n = sum(_n_targets(batch) for batch in group)

@@ -29,7 +29,8 @@ from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, progress_bar, run_rollouts
+from personaxis.progress import progress_bar
+from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.steering import steer_op
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
@@ -155,8 +156,8 @@ def calibrate(
     groups = [(None, 0.0)] + [(layer, c) for layer in layers for c in coefs if c != 0]
 
     rows: list[dict[str, Any]] = []
-    with progress_bar("steering sweep", progress) as bar:
-        task = bar.add_task("", total=len(groups))
+    with progress_bar(progress) as bar:
+        task = bar.add_task("steering sweep", total=len(groups))
         for layer, coef in groups:
             rollouts = [
                 Rollout.make(

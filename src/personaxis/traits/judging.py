@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from personaxis.judge import Judge, ScoreResult, coherence_prompt, trait_prompt
-from personaxis.runs import progress_bar
+from personaxis.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,8 @@ def judge_replies(
     missing = ScoreResult(None, 0.0, error="not asked")
     out: list[Judged] = []
     counts = JudgeCounts()
-    with progress_bar(description, progress) as bar:
-        task = bar.add_task("", total=len(items))
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(items))
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
             prompts = [trait_prompt(rubric, q, a) for q, a in part]
