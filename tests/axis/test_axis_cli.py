@@ -52,6 +52,7 @@ def test_build_writes_artifacts(run):
     assert len(summary["roles"]["kept"]) == 3 and "unjudged" in summary["judge"]["mode"]
     assert Vectors.load(run / "artifacts" / "axis.safetensors").names == ["axis"]
     assert {"points", "axis_x", "layer"} <= set(json.loads((run / "space.json").read_text()))
+    assert "## Persona space" in (run / "report.md").read_text()  # the build writes its report itself
 
 
 def test_report(monkeypatch, capsys, run):

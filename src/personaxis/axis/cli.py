@@ -126,10 +126,12 @@ def build_cmd(
 ):
     """Roll out roles and the default Assistant, judge role adoption, and compute the axis, persona space and traits.
 
-    With --executor ray a local:same judge runs on the Ray workers too; see docs/scale.md for the backend options.
+    Ends by writing RUN/report.md. With --executor ray a local:same judge runs on the Ray workers too; see
+    docs/scale.md for the backend options.
     """
     from personaxis.axis.build import CAPTURES, QUICK, BuildConfig, build_axis
     from personaxis.axis.library import load_questions, load_roles
+    from personaxis.axis.report import write_report
 
     base = QUICK if quick else BuildConfig()
     given = dict(
@@ -179,6 +181,7 @@ def build_cmd(
         ("|cos(PC1, axis)| at target", f"{s['axis']['pc1_cosine_at_target']:.3f}"),
         ("empty replies", s["counts"]["empty_replies"]),
         ("artifacts", ", ".join(s["artifacts"].values())),
+        ("report", write_report(run)),
     ):
         table.add_row(label, str(value))
     console.print(table)
