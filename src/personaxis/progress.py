@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
-    from rich.progress import Progress
+    from rich.console import Console
+
+LOG_EVERY = 60.0
+"""Seconds between progress lines when the output is a log file rather than a terminal."""
 
 
-def progress_bar(enabled: bool = True, *, transient: bool = False) -> Progress:
+class _Bar(Progress):
+    """rich draws nothing into a file until the bar stops, so a job run under nohup or a scheduler would say nothing
+    for hours; there, each lasting task writes one line every `every` seconds and one when it finishes."""
+
+    def __init__(self, *columns: Any, every: float, **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._every = every
+        self._said: dict[TaskID, float] = {}
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._say(task_id)
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._say(task_id)
+
+    def _say(self, task_id: TaskID) -> None:
+        if self.disable or self.live.transient or self.console.is_terminal or self._said.get(task_id) == -1:
+            return
+        task = self._tasks[task_id]
+        now = time.monotonic()
+        last = self._said.setdefault(task_id, task.start_time or now)
+        if not task.finished and now - last < self._every:
+            return
+        self._said[task_id] = -1 if task.finished else now
+        line = f"{task.description}: {task.completed:g}/{task.total:g}"
+        if task.total:
+            line += f" ({100 * task.completed / task.total:.0f}%)"
+        line += f", {timedelta(seconds=round(task.elapsed or 0))} elapsed"
+        if not task.finished and task.time_remaining is not None:
+            line += f", about {timedelta(seconds=round(task.time_remaining))} left"
+        self.console.print(line, markup=False, highlight=False)
+
+
+def progress_bar(
+    enabled: bool = True, *, transient: bool = False, console: Console | None = None, every: float = LOG_EVERY
+) -> Progress:
     """A bar per task, labelled by the task's description (`bar.add_task(description, total=n)`).
 
-    `transient` bars vanish when done: for inner steps (generating, capturing, training) whose caller reports on them.
+    `transient` bars vanish when done: for inner steps (generating, capturing, training) whose caller reports on them;
+    they also stay silent in log files.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(*columns, disable=not enabled, transient=transient)
+    return _Bar(*columns, every=every, disable=not enabled, transient=transient, console=console)

@@ -1,0 +1,51 @@
+"""Progress in a log file: rich alone would stay silent until the bar stops."""
+
+import io
+
+from rich.console import Console
+
+from personaxis.progress import progress_bar
+
+
+def _log_console() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=False, width=200), out
+
+
+def _lines(out: io.StringIO, description: str) -> list[str]:
+    return [line for line in out.getvalue().splitlines() if line.startswith(f"{description}:")]
+
+
+def test_log_lines_while_running_and_once_at_the_end():
+    console, out = _log_console()
+    with progress_bar(console=console, every=0) as bar:
+        task = bar.add_task("rollouts", total=4)
+        for _ in range(4):
+            bar.advance(task, 1)
+        bar.advance(task, 0)  # finished tasks say nothing more
+    lines = _lines(out, "rollouts")
+    assert [line.split(",")[0] for line in lines] == [
+        "rollouts: 1/4 (25%)",
+        "rollouts: 2/4 (50%)",
+        "rollouts: 3/4 (75%)",
+        "rollouts: 4/4 (100%)",
+    ]
+    assert "left" not in lines[-1]
+
+
+def test_a_long_interval_leaves_only_the_final_line():
+    console, out = _log_console()
+    with progress_bar(console=console, every=3600) as bar:
+        task = bar.add_task("judging", total=3)
+        for _ in range(3):
+            bar.update(task, advance=1)
+    assert [line.split(",")[0] for line in _lines(out, "judging")] == ["judging: 3/3 (100%)"]
+
+
+def test_transient_and_disabled_bars_and_terminals_write_no_lines():
+    log, terminal = Console(file=io.StringIO(), width=200), Console(file=io.StringIO(), force_terminal=True, width=200)
+    for console, kwargs in ((log, {"transient": True}), (log, {"enabled": False}), (terminal, {})):
+        with progress_bar(console=console, every=0, **kwargs) as bar:
+            task = bar.add_task("generating", total=2)
+            bar.advance(task, 2)
+        assert "elapsed" not in console.file.getvalue(), kwargs
