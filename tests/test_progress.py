@@ -31,6 +31,7 @@ def test_log_lines_while_running_and_once_at_the_end():
         "rollouts: 4/4 (100%)",
     ]
     assert "left" not in lines[-1]
+    assert "━" not in out.getvalue()  # the lines replace the bar, which is not drawn once more at the end
 
 
 def test_a_long_interval_leaves_only_the_final_line():

@@ -23,6 +23,9 @@ class _Bar(Progress):
         super().__init__(*columns, **kwargs)
         self._every = every
         self._said: dict[TaskID, float] = {}
+        self._log = not (self.disable or self.live.transient or self.console.is_terminal)
+        if self._log:
+            self.live.transient = True  # the lines below say it all; no bar drawn once more at the end
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
@@ -33,7 +36,7 @@ class _Bar(Progress):
         self._say(task_id)
 
     def _say(self, task_id: TaskID) -> None:
-        if self.disable or self.live.transient or self.console.is_terminal or self._said.get(task_id) == -1:
+        if not self._log or self._said.get(task_id) == -1:
             return
         task = self._tasks[task_id]
         now = time.monotonic()
