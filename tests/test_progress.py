@@ -50,3 +50,11 @@ def test_transient_and_disabled_bars_and_terminals_write_no_lines():
             task = bar.add_task("generating", total=2)
             bar.advance(task, 2)
         assert "elapsed" not in console.file.getvalue(), kwargs
+
+
+def test_a_task_without_a_total_says_its_count():
+    console, out = _log_console()
+    with progress_bar(console=console, every=0) as bar:
+        task = bar.add_task("judging", total=None)
+        bar.advance(task, 5)
+    assert [line.split(",")[0] for line in _lines(out, "judging")] == ["judging: 5"]

@@ -22,10 +22,11 @@ class _Bar(Progress):
     def __init__(self, *columns: Any, every: float, **kwargs: Any) -> None:
         super().__init__(*columns, **kwargs)
         self._every = every
-        self._said: dict[TaskID, float] = {}
+        self._said: dict[TaskID, float] = {}  # when each task last wrote a line
+        self._ended: set[TaskID] = set()
         self._log = not (self.disable or self.live.transient or self.console.is_terminal)
         if self._log:
-            self.live.transient = True  # the lines below say it all; no bar drawn once more at the end
+            self.live.transient = True  # the lines say it all; no bar drawn once more at the end
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
@@ -36,17 +37,18 @@ class _Bar(Progress):
         self._say(task_id)
 
     def _say(self, task_id: TaskID) -> None:
-        if not self._log or self._said.get(task_id) == -1:
+        if not self._log or task_id in self._ended:
             return
         task = self._tasks[task_id]
         now = time.monotonic()
-        last = self._said.setdefault(task_id, task.start_time or now)
-        if not task.finished and now - last < self._every:
+        if not task.finished and now - self._said.setdefault(task_id, task.start_time or now) < self._every:
             return
-        self._said[task_id] = -1 if task.finished else now
-        line = f"{task.description}: {task.completed:g}/{task.total:g}"
+        self._said[task_id] = now
+        if task.finished:
+            self._ended.add(task_id)
+        line = f"{task.description}: {task.completed:g}"
         if task.total:
-            line += f" ({100 * task.completed / task.total:.0f}%)"
+            line += f"/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
         line += f", {timedelta(seconds=round(task.elapsed or 0))} elapsed"
         if not task.finished and task.time_remaining is not None:
             line += f", about {timedelta(seconds=round(task.time_remaining))} left"
