@@ -34,6 +34,20 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+LABEL_ALL = 32
+"""Up to this many roles every point is labelled; past it, only each PC's extremes (the rest would overlap)."""
+
+
+def _labelled(xs: Sequence[float], ys: Sequence[float], per_end: int = 6) -> set[int]:
+    if len(xs) <= LABEL_ALL:
+        return set(range(len(xs)))
+    chosen: set[int] = set()
+    for values in (xs, ys):
+        order = sorted(range(len(values)), key=values.__getitem__)
+        chosen.update(order[:per_end] + order[-per_end:])
+    return chosen
+
+
 def pca_scatter(path: Path, summary: Mapping[str, Any]) -> Path:
     """Roles on PC1 × PC2 at the target layer, labelled, with the default Assistant marked."""
     plt = _pyplot()
@@ -44,8 +58,10 @@ def pca_scatter(path: Path, summary: Mapping[str, Any]) -> Path:
     xs = [c[0] for c in coords.values()]
     ys = [c[1] if len(c) > 1 else 0.0 for c in coords.values()]
     ax.scatter(xs, ys, s=18, color="tab:purple")
-    for name, x, y in zip(coords, xs, ys, strict=True):
-        ax.annotate(name.replace("_", " "), (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    labelled = _labelled(xs, ys)
+    for i, (name, x, y) in enumerate(zip(coords, xs, ys, strict=True)):
+        if i in labelled:
+            ax.annotate(name.replace("_", " "), (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
     default = pcs.get("default_coordinates")
     if default:
         ax.scatter([default[0]], [default[1] if len(default) > 1 else 0.0], marker="*", s=160, color="black")
@@ -58,7 +74,10 @@ def pca_scatter(path: Path, summary: Mapping[str, Any]) -> Path:
         )
     ax.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance; + toward the Assistant)")
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}%)" if len(ratio) > 1 else "PC2")
-    ax.set_title(f"Persona space of {summary['model']} at layer {pcs['layer']}")
+    title = f"Persona space of {summary['model']} at layer {pcs['layer']}"
+    if len(labelled) < len(xs):
+        title += f"\n{len(xs)} roles; the {len(labelled)} at the ends of PC1 and PC2 labelled"
+    ax.set_title(title)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
     return _save(fig, path)
