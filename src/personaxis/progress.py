@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ class _Bar(Progress):
         if not self._log or task_id in self._ended:
             return
         task = self._tasks[task_id]
-        now = time.monotonic()
+        now = self.get_time()  # the clock rich times the task with
         if not task.finished and now - self._said.setdefault(task_id, task.start_time or now) < self._every:
             return
         self._said[task_id] = now
