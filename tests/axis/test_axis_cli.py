@@ -62,6 +62,20 @@ def test_report(monkeypatch, capsys, run):
     assert "## Persona space" in text and "plots/pca_scatter.png" in text
 
 
+def test_stability_redoes_the_analysis_on_subsets_and_joins_the_report(monkeypatch, capsys, run):
+    code, out, err = cli(monkeypatch, capsys, "axis stability {run} --sizes 2,3 --repeats 4", run=run)
+    assert code == 0, err
+    result = json.loads((run / "stability.json").read_text())
+    assert [(r["roles"], r["subsets"]) for r in result["rows"]] == [(2, 4), (3, 1)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["rows"][-1]["cosine_mean"] == pytest.approx(summary["axis"]["pc1_cosine_at_target"], abs=1e-5)
+    assert result["rows"][-1]["pc1_variance_mean"] == pytest.approx(summary["pca"]["pc1_variance"], abs=1e-5)
+    assert (run / "plots" / "stability.png").stat().st_size > 0
+    code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
+    assert code == 0, err
+    assert "## Role-count stability" in (run / "report.md").read_text()
+
+
 def test_drift(monkeypatch, capsys, folder, run):
     axis = run / "artifacts" / "axis.safetensors"
     code, out, err = cli(
@@ -162,6 +176,9 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
         monkeypatch, capsys, "cap calibrate -m another-model --axis {axis} --run {run}", **paths
     )
     assert "--roles must be" in bad(monkeypatch, capsys, "axis build -m {m} --roles many", **paths)
+    assert "between 2 and 3 roles" in bad(monkeypatch, capsys, "axis stability {run} --sizes 2,9", **paths)
+    assert "not in the build" in bad(monkeypatch, capsys, "axis stability {run} --layer 99", **paths)
+    assert "has no summary.json" in bad(monkeypatch, capsys, "axis stability {tmp}", **paths)
     assert "use it with --executor local" in bad(
         monkeypatch, capsys, "axis build -m no/such/model --executor ray --generator openai --base-url http://h/v1"
     )

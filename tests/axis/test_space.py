@@ -17,6 +17,7 @@ from personaxis.axis.space import (
     pca,
     percentile,
     project,
+    role_count_stability,
     role_vectors,
 )
 from personaxis.errors import PersonaxisError
@@ -93,6 +94,52 @@ def test_pc1_cosine_by_layer_matches_numpy():
         a = axis[layer].double().numpy()
         want = abs(vt[0] @ a) / np.linalg.norm(a)
         assert math.isclose(got[layer], want, rel_tol=1e-4)
+
+
+def _subset_figures(roles: np.ndarray, default: np.ndarray) -> tuple[float, float]:
+    """|cos(PC1, axis)| and PC1's variance share of one subset, by eigen-decomposition of the covariance."""
+    axis = default - roles.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(roles, rowvar=False))
+    pc1 = eigenvectors[:, np.argmax(eigenvalues)]
+    return abs(pc1 @ axis) / np.linalg.norm(axis), eigenvalues.max() / eigenvalues.sum()
+
+
+def test_role_count_stability_matches_numpy_on_the_same_subsets():
+    roles, default = randn(9, 6, seed=20).double(), randn(6, seed=21).double()
+    roles[:, 0] *= 4
+    got = role_count_stability(roles, default, [9, 3, 5], repeats=4, seed=7)
+    assert [row["roles"] for row in got] == [3, 5, 9] and [row["subsets"] for row in got] == [4, 4, 1]
+    draws = torch.Generator().manual_seed(7)  # the same draws, in the same order (sizes ascending)
+    for row in got:
+        figures = np.array(
+            [
+                _subset_figures(roles[torch.randperm(9, generator=draws)[: row["roles"]]].numpy(), default.numpy())
+                for _ in range(row["subsets"])
+            ]
+        )
+        for column, name in enumerate(("cosine", "pc1_variance")):
+            values = figures[:, column]
+            assert math.isclose(row[f"{name}_mean"], values.mean(), rel_tol=1e-4)
+            assert math.isclose(row[f"{name}_sd"], values.std(ddof=1) if len(values) > 1 else 0.0, abs_tol=1e-5)
+            assert math.isclose(row[f"{name}_p5"], np.percentile(values, 5), rel_tol=1e-4)
+            assert math.isclose(row[f"{name}_p95"], np.percentile(values, 95), rel_tol=1e-4)
+
+
+def test_role_count_stability_finds_a_planted_axis_at_every_size():
+    direction = torch.zeros(16)
+    direction[3] = 1.0
+    spread = torch.linspace(-5, 5, 40)[:, None] * direction + 0.05 * randn(40, 16, seed=22)
+    default = 8 * direction  # the Assistant sits at one end of the roles' main spread
+    for row in role_count_stability(spread, default, [4, 40], repeats=10):
+        assert row["cosine_p5"] > 0.95 and row["pc1_variance_p5"] > 0.9
+
+
+@pytest.mark.parametrize(
+    "sizes, repeats, match", [([1], 3, "between 2 and 5"), ([6], 3, "between 2"), ([3], 0, "repeats")]
+)
+def test_role_count_stability_refuses_impossible_subsets(sizes, repeats, match):
+    with pytest.raises(PersonaxisError, match=match):
+        role_count_stability(randn(5, 4), randn(4), sizes, repeats=repeats)
 
 
 def test_project_and_cosine():

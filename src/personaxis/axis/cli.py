@@ -195,6 +195,61 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder writte
     console.print(f"wrote {write_report(run_dir)}")
 
 
+@axis_app.command("stability")
+def stability_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by `axis build`")],
+    sizes: Annotated[
+        str | None, typer.Option(help="role counts to draw, e.g. 8,16,32 (default: 8, 16, 32... and all)")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="random subsets per role count")] = 50,
+    layer: Annotated[int | None, typer.Option(help="layer (default: the build's target layer)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the subsets")] = 0,
+):
+    """How |cos(PC1, axis)| and PC1's variance share depend on which roles, and how many, a build used.
+
+    Redoes the build's analysis on random subsets of its role vectors (no model, seconds); writes
+    RUN_DIR/stability.json and a plot, which `axis report` includes.
+    """
+    import torch
+
+    from personaxis.axis import plots
+    from personaxis.axis.build import ARTIFACTS, load_summary
+    from personaxis.axis.library import DEFAULT_ROLE
+    from personaxis.axis.report import STABILITY
+    from personaxis.axis.space import role_count_stability
+    from personaxis.vectors import Vectors
+
+    summary = load_summary(run_dir)
+    vectors = Vectors.load(run_dir / "artifacts" / ARTIFACTS["roles"])
+    layer = summary["target_layer"] if layer is None else layer
+    if layer not in vectors.layers:
+        raise PersonaxisError(f"layer {layer} is not in the build (layers {vectors.layers[0]}–{vectors.layers[-1]})")
+    if DEFAULT_ROLE not in vectors.names:
+        raise PersonaxisError(f"{run_dir}: the role vectors lack the '{DEFAULT_ROLE}' vector")
+    k = vectors.layers.index(layer)
+    names = [n for n in vectors.names if n != DEFAULT_ROLE]
+    roles = torch.stack([vectors.data[n][k] for n in names])
+    doubling = [2**e for e in range(3, 12) if 2**e < len(names)]
+    counts = _numbers(sizes, "sizes", int) if sizes else [*doubling, len(names)]
+    rows = role_count_stability(roles, vectors.data[DEFAULT_ROLE][k], counts, repeats=repeats, seed=seed)
+    result = {"layer": layer, "roles_in_build": len(names), "repeats": repeats, "seed": seed, "rows": rows}
+    path = _write_json(run_dir / STABILITY, result)
+    figure = plots.role_count_stability(run_dir / "plots" / "stability.png", result)
+    table = Table(title=f"persona space from subsets of the {len(names)} roles, layer {layer}")
+    for column in ("roles", "subsets", "|cos(PC1, axis)| mean ± sd", "5–95%", "PC1 share mean ± sd"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["roles"]),
+            str(r["subsets"]),
+            f"{r['cosine_mean']:.3f} ± {r['cosine_sd']:.3f}",
+            f"{r['cosine_p5']:.3f}–{r['cosine_p95']:.3f}",
+            f"{r['pc1_variance_mean']:.1%} ± {r['pc1_variance_sd']:.1%}",
+        )
+    console.print(table)
+    console.print(f"wrote {path} and {figure}")
+
+
 @axis_app.command("steer")
 def steer_cmd(
     model: ModelOpt,

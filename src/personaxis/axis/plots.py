@@ -115,6 +115,25 @@ def cosine_by_layer(path: Path, summary: Mapping[str, Any]) -> Path:
     return _save(fig, path)
 
 
+def role_count_stability(path: Path, result: Mapping[str, Any]) -> Path:
+    """|cos(PC1, axis)| and PC1's variance share against the number of roles, mean with a 5–95% band."""
+    plt = _pyplot()
+    rows = result["rows"]
+    n = [r["roles"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = (("cosine", "|cos(PC1, axis)|", "tab:purple"), ("pc1_variance", "PC1 share", "tab:green"))
+    for name, label, color in series:
+        ax.plot(n, [r[f"{name}_mean"] for r in rows], marker="o", color=color, label=label)
+        ax.fill_between(n, [r[f"{name}_p5"] for r in rows], [r[f"{name}_p95"] for r in rows], color=color, alpha=0.2)
+    ax.axhline(0.7, color="grey", ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("roles in the subset")
+    ax.set_title(f"Persona space from random subsets of {result['roles_in_build']} roles (layer {result['layer']})")
+    ax.legend()
+    return _save(fig, path)
+
+
 def build_plots(folder: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
     folder = Path(folder)
     out = {"plot_cosine_by_layer": cosine_by_layer(folder / "cosine_by_layer.png", summary)}

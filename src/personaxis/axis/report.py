@@ -1,7 +1,7 @@
 """A Markdown report of an axis run folder: the build, and drift, calibration and the sweep when they were run there.
 
-It reads only the JSON files the commands write (summary.json, drift.json, calibration.json, sweep.json) and redraws
-the plots from them, so a report can be regenerated anywhere from a copied run folder.
+It reads only the JSON files the commands write (summary.json, stability.json, drift.json, calibration.json,
+sweep.json) and redraws the plots from them, so a report can be regenerated anywhere from a copied run folder.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from personaxis.store import atomic_write_text
 DRIFT = "drift.json"
 CALIBRATION = "calibration.json"
 SWEEP = "sweep.json"
+STABILITY = "stability.json"
 REPORT = "report.md"
 
 
@@ -86,6 +87,33 @@ def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path)
             [(n, t["cosine_with_axis"], *(t["cosine_with_pcs"] + [None] * 3)[:3]) for n, t in traits],
         )
     return lines
+
+
+def _stability_section(stability: dict[str, Any], figure: Path, run: Path) -> list[str]:
+    lines = [
+        "## Role-count stability",
+        "",
+        f"The build's analysis redone on random subsets of its {stability['roles_in_build']} roles at layer "
+        f"{stability['layer']} ({stability['repeats']} subsets per count; `personaxis axis stability`):",
+        "",
+    ]
+    lines += _table(
+        ["roles", "subsets", "|cos| mean", "sd", "5%", "95%", "PC1 share mean", "sd"],
+        [
+            (
+                r["roles"],
+                r["subsets"],
+                r["cosine_mean"],
+                r["cosine_sd"],
+                r["cosine_p5"],
+                r["cosine_p95"],
+                r["pc1_variance_mean"],
+                r["pc1_variance_sd"],
+            )
+            for r in stability["rows"]
+        ],
+    )
+    return lines + [f"![stability]({figure.relative_to(run)})", ""]
 
 
 def _drift_section(drift: dict[str, Any], figure: Path | None, run: Path) -> list[str]:
@@ -170,6 +198,10 @@ def write_report(run_dir: str | Path) -> Path:
     folder = run / "plots"
     figures = plots.build_plots(folder, summary)
     lines = _build_section(summary, figures, run)
+    stability = _read(run / STABILITY)
+    if stability:
+        figure = plots.role_count_stability(folder / "stability.png", stability)
+        lines += _stability_section(stability, figure, run)
     drift = _read(run / DRIFT)
     if drift:
         figure = plots.drift_trajectories(folder / "drift.png", drift["conversations"], drift["layer"])

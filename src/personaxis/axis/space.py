@@ -25,6 +25,7 @@ __all__ = [
     "pc1_cosine_by_layer",
     "percentile",
     "project",
+    "role_count_stability",
     "role_vectors",
 ]
 
@@ -117,6 +118,45 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def pc1_cosine_by_layer(roles: torch.Tensor, axis: torch.Tensor) -> list[float]:
     """|cos(PC1, axis)| at every layer, with a separate PCA per layer; `roles` [R, L, H], `axis` [L, H]."""
     return [abs(cosine(pca(roles[:, layer], k=1).components[0], axis[layer])) for layer in range(axis.shape[0])]
+
+
+def role_count_stability(
+    roles: torch.Tensor, default: torch.Tensor, sizes: Sequence[int], *, repeats: int, seed: int = 0
+) -> list[dict[str, float | int]]:
+    """How much |cos(PC1, axis)| and PC1's variance share owe to which roles were drawn, and how they grow with more.
+
+    For each size n, `repeats` random subsets of n of the role vectors `roles` [R, H] (one layer), each analysed as a
+    build with only those roles would be: its own axis (default − subset mean) and its own PCA. A size equal to R
+    has one subset, the full set. Returns per size the mean, standard deviation and 5th/95th percentiles of both.
+    """
+    n_roles = roles.shape[0]
+    if repeats < 1:
+        raise PersonaxisError(f"repeats must be at least 1, got {repeats}")
+    for n in sizes:
+        if not 2 <= n <= n_roles:
+            raise PersonaxisError(f"a subset needs between 2 and {n_roles} roles (those in the build), got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    roles, default = roles.float(), default.float()
+    out: list[dict[str, float | int]] = []
+    for n in sorted(set(sizes)):
+        cosines, shares = [], []
+        for _ in range(1 if n == n_roles else repeats):
+            subset = roles[torch.randperm(n_roles, generator=generator)[:n]]
+            axis = default - subset.mean(dim=0)
+            space = pca(subset, k=1)
+            cosines.append(abs(cosine(space.components[0], axis)))
+            shares.append(float(space.variance_ratio[0]))
+        row: dict[str, float | int] = {"roles": n, "subsets": len(cosines)}
+        for name, values in (("cosine", cosines), ("pc1_variance", shares)):
+            t = torch.tensor(values, dtype=torch.float64)
+            row |= {
+                f"{name}_mean": float(t.mean()),
+                f"{name}_sd": float(t.std(correction=1)) if len(values) > 1 else 0.0,
+                f"{name}_p5": percentile(t, 5),
+                f"{name}_p95": percentile(t, 95),
+            }
+        out.append(row)
+    return out
 
 
 def project(h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
