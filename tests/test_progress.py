@@ -58,3 +58,18 @@ def test_a_task_without_a_total_says_its_count():
         task = bar.add_task("judging", total=None)
         bar.advance(task, 5)
     assert [line.split(",")[0] for line in _lines(out, "judging")] == ["judging: 5"]
+
+
+def test_time_left_comes_from_the_mean_rate_even_when_updates_are_minutes_apart():
+    console, out = _log_console()
+    clock = [0.0]
+    bar = progress_bar(console=console, every=60)
+    bar.get_time = lambda: clock[0]
+    with bar:
+        task = bar.add_task("rollouts", total=10)
+        for minute, done in ((1, 2), (3, 2)):
+            clock[0] = 60.0 * minute
+            bar.advance(task, done)
+    lines = _lines(out, "rollouts")
+    assert lines[0] == "rollouts: 2/10 (20%), 0:01:00 elapsed, about 0:04:00 left"
+    assert lines[1] == "rollouts: 4/10 (40%), 0:03:00 elapsed, about 0:04:30 left"

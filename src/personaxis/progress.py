@@ -40,7 +40,8 @@ class _Bar(Progress):
             return
         task = self._tasks[task_id]
         now = self.get_time()  # the clock rich times the task with
-        if not task.finished and now - self._said.setdefault(task_id, task.start_time or now) < self._every:
+        started = now if task.start_time is None else task.start_time
+        if not task.finished and now - self._said.setdefault(task_id, started) < self._every:
             return
         self._said[task_id] = now
         if task.finished:
@@ -48,9 +49,13 @@ class _Bar(Progress):
         line = f"{task.description}: {task.completed:g}"
         if task.total:
             line += f"/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
-        line += f", {timedelta(seconds=round(task.elapsed or 0))} elapsed"
-        if not task.finished and task.time_remaining is not None:
-            line += f", about {timedelta(seconds=round(task.time_remaining))} left"
+        elapsed = task.elapsed or 0
+        line += f", {timedelta(seconds=round(elapsed))} elapsed"
+        if not task.finished and task.total and task.completed > 0:
+            # the mean rate since the start: rich's own estimate needs several updates within 30 s, and a log line
+            # comes a minute or more apart
+            left = elapsed * (task.total - task.completed) / task.completed
+            line += f", about {timedelta(seconds=round(left))} left"
         self.console.print(line, markup=False, highlight=False)
 
 
