@@ -1,6 +1,7 @@
 """The axis commands end to end on a tiny model saved to a folder, and their one-line answers to bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -74,6 +75,23 @@ def test_stability_redoes_the_analysis_on_subsets_and_joins_the_report(monkeypat
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
     assert "## Role-count stability" in (run / "report.md").read_text()
+
+
+def test_compare_a_build_with_itself_and_with_its_mirror(monkeypatch, capsys, run, tmp_path):
+    code, _, err = cli(monkeypatch, capsys, "axis compare {run} {run} --out {tmp}/same.json", run=run, tmp=tmp_path)
+    assert code == 0, err
+    same = json.loads((tmp_path / "same.json").read_text())
+    assert same["pc1"]["roles"] == 3 and same["pc1"]["pearson_r"] == pytest.approx(1.0)
+    assert same["axis"]["pearson_r"] == pytest.approx(1.0) and (tmp_path / "same.png").stat().st_size > 0
+    mirror = tmp_path / "mirror"
+    shutil.copytree(run, mirror)
+    summary = json.loads((mirror / "summary.json").read_text())
+    coords = summary["pca"]["role_coordinates"]
+    summary["pca"]["role_coordinates"] = {role: [-c for c in xs] for role, xs in coords.items()}
+    (mirror / "summary.json").write_text(json.dumps(summary))
+    code, _, err = cli(monkeypatch, capsys, "axis compare {run} {m}", run=run, m=mirror)
+    assert code == 0, err
+    assert json.loads((run / "compare_mirror.json").read_text())["pc1"]["pearson_r"] == pytest.approx(-1.0)
 
 
 def test_drift(monkeypatch, capsys, folder, run):
@@ -179,6 +197,7 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
     assert "between 2 and 3 roles" in bad(monkeypatch, capsys, "axis stability {run} --sizes 2,9", **paths)
     assert "not in the build" in bad(monkeypatch, capsys, "axis stability {run} --layer 99", **paths)
     assert "has no summary.json" in bad(monkeypatch, capsys, "axis stability {tmp}", **paths)
+    assert "has no summary.json" in bad(monkeypatch, capsys, "axis compare {run} {tmp}", **paths)
     assert "use it with --executor local" in bad(
         monkeypatch, capsys, "axis build -m no/such/model --executor ray --generator openai --base-url http://h/v1"
     )

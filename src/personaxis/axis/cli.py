@@ -250,6 +250,42 @@ def stability_cmd(
     console.print(f"wrote {path} and {figure}")
 
 
+@axis_app.command("compare")
+def compare_cmd(
+    run_a: Annotated[Path, typer.Argument(help="a run folder written by `axis build`")],
+    run_b: Annotated[Path, typer.Argument(help="another one (another model, or other settings)")],
+    out: Annotated[Path | None, typer.Option(help="JSON to write (default RUN_A/compare_<RUN_B name>.json)")] = None,
+):
+    """Do two builds order their shared roles alike? Correlation of PC1 loadings and of axis projections.
+
+    The paper finds role loadings on PC1 agree across models (r > 0.92). A plot of the PC1 loadings is written
+    beside the JSON.
+    """
+    from personaxis.axis import plots
+    from personaxis.axis.compare import MEASURES, compare_builds
+
+    result = compare_builds(run_a, run_b)
+    out = out or run_a / f"compare_{run_b.resolve().name}.json"
+    path = _write_json(out, result)
+    figure = plots.role_agreement(out.with_suffix(".png"), result)
+    a, b = result["builds"]
+    table = Table(title=f"{a['model']} (layer {a['layer']}) against {b['model']} (layer {b['layer']})")
+    for column in ("roles by", "shared roles", "Pearson r", "p", "Spearman ρ", "p"):
+        table.add_column(column, justify="right")
+    for measure in MEASURES:
+        r = result[measure]
+        table.add_row(
+            {"pc1": "PC1 loading", "axis": "axis projection"}[measure],
+            str(r["roles"]),
+            f"{r['pearson_r']:.3f}",
+            f"{r['pearson_p']:.2g}",
+            f"{r['spearman_rho']:.3f}",
+            f"{r['spearman_p']:.2g}",
+        )
+    console.print(table)
+    console.print(f"wrote {path} and {figure}")
+
+
 @axis_app.command("steer")
 def steer_cmd(
     model: ModelOpt,

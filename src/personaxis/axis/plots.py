@@ -134,6 +134,23 @@ def role_count_stability(path: Path, result: Mapping[str, Any]) -> Path:
     return _save(fig, path)
 
 
+def role_agreement(path: Path, result: Mapping[str, Any]) -> Path:
+    """The shared roles' PC1 coordinates in one build against the other, the ends labelled."""
+    plt = _pyplot()
+    values = result["pc1"]["values"]
+    names = list(values)
+    xs, ys = [values[n][0] for n in names], [values[n][1] for n in names]
+    a, b = result["builds"]
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.scatter(xs, ys, s=14, color="tab:purple")
+    for i in _labelled(xs, ys):
+        ax.annotate(names[i], (xs[i], ys[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"PC1, {a['model']} (layer {a['layer']})")
+    ax.set_ylabel(f"PC1, {b['model']} (layer {b['layer']})")
+    ax.set_title(f"{len(names)} shared roles: Pearson r = {result['pc1']['pearson_r']:.2f}")
+    return _save(fig, path)
+
+
 def build_plots(folder: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
     folder = Path(folder)
     out = {"plot_cosine_by_layer": cosine_by_layer(folder / "cosine_by_layer.png", summary)}
