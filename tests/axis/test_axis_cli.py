@@ -74,7 +74,10 @@ def test_stability_redoes_the_analysis_on_subsets_and_joins_the_report(monkeypat
     assert (run / "plots" / "stability.png").stat().st_size > 0
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
-    assert "## Role-count stability" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "## Role-count stability" in report
+    header = next(line for line in report.splitlines() if line.startswith("| roles | subsets"))
+    assert header.replace("\\|", "").count("|") == 9  # 8 columns: the pipes of |cos| are escaped
 
 
 def test_compare_a_build_with_itself_and_with_its_mirror(monkeypatch, capsys, run, tmp_path):

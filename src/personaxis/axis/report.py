@@ -98,7 +98,7 @@ def _stability_section(stability: dict[str, Any], figure: Path, run: Path) -> li
         "",
     ]
     lines += _table(
-        ["roles", "subsets", "|cos| mean", "sd", "5%", "95%", "PC1 share mean", "sd"],
+        ["roles", "subsets", "\\|cos\\| mean", "sd", "5%", "95%", "PC1 share mean", "sd"],  # pipes escaped
         [
             (
                 r["roles"],
