@@ -556,6 +556,18 @@ def persona_space_view(vectors: dict[str, torch.Tensor], axis: torch.Tensor, spa
     }
 
 
+def role_matrix(run_dir: str | Path, layer: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """A build's kept role names, their vectors [R, H] and the default vector [H] at `layer`, from its artifacts."""
+    vectors = Vectors.load(Path(run_dir) / "artifacts" / ARTIFACTS["roles"])
+    if layer not in vectors.layers:
+        raise PersonaxisError(f"layer {layer} is not in the build (layers {vectors.layers[0]}–{vectors.layers[-1]})")
+    if DEFAULT_ROLE not in vectors.names:
+        raise PersonaxisError(f"{run_dir}: the role vectors lack the '{DEFAULT_ROLE}' vector")
+    k = vectors.layers.index(layer)
+    names = [n for n in vectors.names if n != DEFAULT_ROLE]
+    return names, torch.stack([vectors.data[n][k] for n in names]), vectors.data[DEFAULT_ROLE][k]
+
+
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / SUMMARY
     if not path.is_file():

@@ -210,28 +210,16 @@ def stability_cmd(
     Redoes the build's analysis on random subsets of its role vectors (no model, seconds); writes
     RUN_DIR/stability.json and a plot, which `axis report` includes.
     """
-    import torch
-
     from personaxis.axis import plots
-    from personaxis.axis.build import ARTIFACTS, load_summary
-    from personaxis.axis.library import DEFAULT_ROLE
+    from personaxis.axis.build import load_summary, role_matrix
     from personaxis.axis.report import STABILITY
     from personaxis.axis.space import role_count_stability
-    from personaxis.vectors import Vectors
 
-    summary = load_summary(run_dir)
-    vectors = Vectors.load(run_dir / "artifacts" / ARTIFACTS["roles"])
-    layer = summary["target_layer"] if layer is None else layer
-    if layer not in vectors.layers:
-        raise PersonaxisError(f"layer {layer} is not in the build (layers {vectors.layers[0]}–{vectors.layers[-1]})")
-    if DEFAULT_ROLE not in vectors.names:
-        raise PersonaxisError(f"{run_dir}: the role vectors lack the '{DEFAULT_ROLE}' vector")
-    k = vectors.layers.index(layer)
-    names = [n for n in vectors.names if n != DEFAULT_ROLE]
-    roles = torch.stack([vectors.data[n][k] for n in names])
+    layer = load_summary(run_dir)["target_layer"] if layer is None else layer
+    names, roles, default = role_matrix(run_dir, layer)
     doubling = [2**e for e in range(3, 12) if 2**e < len(names)]
     counts = _numbers(sizes, "sizes", int) if sizes else [*doubling, len(names)]
-    rows = role_count_stability(roles, vectors.data[DEFAULT_ROLE][k], counts, repeats=repeats, seed=seed)
+    rows = role_count_stability(roles, default, counts, repeats=repeats, seed=seed)
     result = {"layer": layer, "roles_in_build": len(names), "repeats": repeats, "seed": seed, "rows": rows}
     path = _write_json(run_dir / STABILITY, result)
     figure = plots.role_count_stability(run_dir / "plots" / "stability.png", result)

@@ -11,10 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from personaxis.axis.build import ARTIFACTS, load_summary
-from personaxis.axis.library import DEFAULT_ROLE
+from personaxis.axis.build import ARTIFACTS, load_summary, role_matrix
 from personaxis.errors import PersonaxisError
 
 MEASURES = ("pc1", "axis")
@@ -49,12 +46,9 @@ def role_positions(run_dir: str | Path) -> dict[str, Any]:
     summary = load_summary(run)
     layer = summary["target_layer"]
     pc1 = {role: coords[0] for role, coords in summary["pca"]["role_coordinates"].items()}
-    artifacts = run / "artifacts"
-    axis, roles = Vectors.load(artifacts / ARTIFACTS["axis"]), Vectors.load(artifacts / ARTIFACTS["roles"])
-    unit = axis.units("axis")[axis.layers.index(layer)]
-    k = roles.layers.index(layer)
-    names = [n for n in roles.names if n != DEFAULT_ROLE]
-    projections = torch.stack([roles.data[n][k] for n in names]) @ unit
+    axis = Vectors.load(run / "artifacts" / ARTIFACTS["axis"])
+    names, roles, _ = role_matrix(run, layer)
+    projections = roles @ axis.units("axis")[axis.layers.index(layer)]
     centred = projections - projections.mean()
     return {
         "run": str(run),
