@@ -7,6 +7,7 @@ import pytest
 import torch
 from cli_runner import invoke as run_cli
 
+import personaxis.runs
 from personaxis.axis.library import load_roles
 from personaxis.vectors import CapConfig, Vectors
 
@@ -53,7 +54,33 @@ def test_build_writes_artifacts(run):
     assert len(summary["roles"]["kept"]) == 3 and "unjudged" in summary["judge"]["mode"]
     assert Vectors.load(run / "artifacts" / "axis.safetensors").names == ["axis"]
     assert {"points", "axis_x", "layer"} <= set(json.loads((run / "space.json").read_text()))
-    assert "## Persona space" in (run / "report.md").read_text()  # the build writes its report itself
+    report = (run / "report.md").read_text()
+    assert "## Persona space" in report  # the build writes its report itself
+    found = summary["ai_self_reference"]
+    assert f"{found['replies']} of {found['of']} role replies" in report and found["of"] == 30
+
+
+def test_a_screened_build_of_the_same_rollouts(monkeypatch, capsys, folder, run, tmp_path):
+    shutil.copytree(run, tmp_path / "screened")
+    generated = []
+    original = personaxis.runs.generate_batch
+    monkeypatch.setattr(
+        personaxis.runs,
+        "generate_batch",
+        lambda m, prompts, *a, **k: generated.extend(prompts) or original(m, prompts, *a, **k),
+    )
+    code, _, err = cli(
+        monkeypatch,
+        capsys,
+        "axis build -m {m} --roles 3 --questions 2 --max-tokens 3 --judge screen --min-count 1 --traits 1 "
+        "--run {run} --dtype float32",
+        m=folder,
+        run=tmp_path / "screened",
+    )
+    summary = json.loads((tmp_path / "screened" / "summary.json").read_text())
+    assert summary["judge"]["mode"].startswith("screened") and summary["counts"]["rollouts"] > 0
+    assert code == 0, err
+    assert generated == []  # the rollouts of the unjudged build are reused
 
 
 def test_report(monkeypatch, capsys, run):

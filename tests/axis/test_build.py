@@ -8,11 +8,11 @@ import torch
 from axis.axis_helpers import FakeJudge, role_of
 
 import personaxis.runs
-from personaxis.axis.build import ROLLOUT_STAGE, BuildConfig, build_axis, judge_roles, plan_rollouts
-from personaxis.axis.library import load_axis_traits, load_role_rubric, load_roles
+from personaxis.axis.build import ROLLOUT_STAGE, BuildConfig, analyse, build_axis, judge_roles, plan_rollouts
+from personaxis.axis.library import RoleRubric, load_axis_traits, load_role_rubric, load_roles
 from personaxis.errors import PersonaxisError
 from personaxis.judge.scoring import Distribution
-from personaxis.store import RunStore
+from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
 ROLES = [r for r in load_roles() if r.name in ("pirate", "cat", "demon", "therapist")]
@@ -198,3 +198,69 @@ def test_judge_sees_the_rubric_and_digit_labels():
     assert result.scores == {"a": 2}
     assert "Arr, a pirate I be" in seen[0] and "Who are you?" in seen[0]
     assert "0: 0" in seen[0] and "3: 3" in seen[0]  # options are the labels "0".."3"
+
+
+# --- screening replies that present themselves as an AI ---------------------------------------------------------
+
+
+def _rubric(*patterns):
+    return RoleRubric.model_validate({**load_role_rubric().model_dump(), "ai_self_reference": list(patterns)})
+
+
+def test_analysis_screens_ai_replies_and_relates_their_share_to_pc1():
+    """Role vectors keep only the screened-in replies; shares and Spearman's ρ against a by-hand reference."""
+    gen = torch.Generator().manual_seed(0)
+    records, labels, as_ai = {}, {}, set()
+    n_ai = {"r0": 0, "r1": 1, "r2": 2, "r3": 3, "r4": 1}  # of 4 replies each
+    for role, k in n_ai.items():
+        for i in range(4):
+            rid = f"{role}-{i}"
+            records[rid] = Record({"text": "x"}, {"response": torch.randn(3, 5, generator=gen)}, 0.0)
+            labels[rid] = {"kind": "role", "role": role}
+            if i < k:
+                as_ai.add(rid)
+    records["d"] = Record({"text": "x"}, {"response": torch.randn(3, 5, generator=gen)}, 0.0)
+    labels["d"] = {"kind": "default"}
+    vectors, *_, summary = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai, screen=True)
+
+    for role, k in n_ai.items():
+        kept = [records[f"{role}-{i}"].tensors["response"] for i in range(k, 4)]
+        torch.testing.assert_close(vectors[role], sum(kept) / len(kept))
+    assert summary["scores"]["r3"] == {"screened": 3, "kept": 1}
+    found = summary["ai_self_reference"]
+    assert (found["replies"], found["of"]) == (7, 20)
+    assert found["share_by_role"] == {role: k / 4 for role, k in n_ai.items()}
+
+    pc1 = [summary["pca"]["role_coordinates"][r][0] for r in n_ai]
+    share = [found["share_by_role"][r] for r in n_ai]
+
+    def ranks(xs):  # average ranks, ties shared
+        return [sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs]
+
+    a, b = ranks(share), ranks(pc1)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    want = cov / (sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b)) ** 0.5
+    assert found["pc1_spearman"] == pytest.approx(want)
+    assert 0 <= found["pc1_spearman_p"] <= 1
+
+    unscreened, *_, plain = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai)
+    all_r3 = [records[f"r3-{i}"].tensors["response"] for i in range(4)]
+    torch.testing.assert_close(unscreened["r3"], sum(all_r3) / 4)  # unjudged: counted, not dropped
+    assert plain["scores"]["r3"] == {"unjudged": 4} and plain["ai_self_reference"]["replies"] == 7
+
+
+def test_a_screened_build_reuses_the_rollouts_and_drops_what_the_patterns_match(tiny, tmp_path):
+    unjudged = BuildConfig(questions=2, max_tokens=3, judge="none", min_count=1, traits=0, batch_size=16)
+    first = build_axis(tiny, tmp_path, unjudged, roles=ROLES[:3], questions=QUESTIONS, progress=False)
+    screen = BuildConfig(questions=2, max_tokens=3, judge="screen", min_count=1, traits=0, batch_size=16)
+    never = build_axis(tiny, tmp_path, screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric("(?!)"),
+                       progress=False)  # fmt: skip
+    torch.testing.assert_close(never.axis.data["axis"], first.axis.data["axis"])
+    assert never.summary["judge"]["mode"].startswith("screened") and never.axis.meta.extra["judged"] is False
+    assert never.summary["scores"][ROLES[0].name] == {"kept": 10}
+    with pytest.raises(PersonaxisError, match="only 0 role.*do not present themselves as an AI"):
+        build_axis(tiny, tmp_path, screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric("."), progress=False)
+    with pytest.raises(PersonaxisError, match="needs the rubric's ai_self_reference patterns"):
+        build_axis(tiny, tmp_path / "none", screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric())
+    assert not (tmp_path / "none").exists()

@@ -124,6 +124,28 @@ def test_shipped_rubric() -> None:
     assert "single digit" in rubric.prompt
 
 
+@pytest.mark.parametrize(
+    ("reply", "as_ai"),
+    [
+        ("As an AI language model, I don't have a favourite ship.", True),
+        ("Arr! I’m an AI, matey, but I'll answer.", True),  # a typographic apostrophe
+        ("I don't have personal experiences, but pirates often...", True),
+        ("I am Qwen, created by Alibaba Cloud.", True),
+        ("As a pirate, I sail where the wind takes me.", False),
+        ("The robots of my village fear the large storms.", False),
+        ("Nay, I cannot tell ye where the treasure lies.", False),  # a refusal in character is for the judge
+    ],
+)
+def test_shipped_rubric_finds_replies_that_present_themselves_as_an_ai(reply: str, as_ai: bool) -> None:
+    assert load_role_rubric().presents_as_ai(reply) is as_ai
+
+
+def test_a_rubric_without_patterns_finds_nothing(tmp_path: Path) -> None:
+    rubric = _shipped_rubric()
+    del rubric["ai_self_reference"]
+    assert not load_role_rubric(_write(tmp_path, rubric)).presents_as_ai("As an AI language model, I")
+
+
 def test_rubric_render_fills_once() -> None:
     """Placeholder-like text inside the question or answer is left as written, not filled in turn."""
     rubric = load_role_rubric()
@@ -261,6 +283,7 @@ def _shipped_rubric() -> dict[str, Any]:
         (lambda r: r.update(labels=["only_one"]), "has 1 label, expected at least 2"),
         (lambda r: r.update(labels=["a", "b", "a"]), "label for score 2 repeats label for score 0"),
         (lambda r: r.pop("prompt"), "is missing field 'prompt'"),
+        (lambda r: r["ai_self_reference"].append("as an (ai"), "invalid ai_self_reference pattern 7 (missing )"),
     ],
 )
 def test_bad_rubric(tmp_path: Path, change: Callable[[dict[str, Any]], None], expected: str) -> None:

@@ -7,6 +7,11 @@ not cached, so they are retried). The analysis that follows is cheap and always 
 
 Without a judge (`judge="none"`) nothing is filtered: every role reply counts toward its role vector. That is *not*
 the paper's method (its role vectors keep only replies scored 3) and the run says so in its metadata and summary.
+`judge="screen"` asks no judge either but drops the replies that present themselves as an AI (the rubric's
+`ai_self_reference` patterns), which the rubric never scores 3: a cheap approximation of the filter.
+
+Every build reports how many of each role's replies present themselves as an AI, and how closely that share follows
+PC1 across roles: unfiltered, a space can be ordered by how often a role is declined rather than by the roles.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,7 @@ from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
 NO_JUDGE = "none"
+SCREEN = "screen"
 ROLLOUT_STAGE = "rollouts"
 CAPTURES = ("response",)  # captured at every layer
 SUMMARY = "summary.json"
@@ -91,7 +97,17 @@ class BuildConfig:
 
     @property
     def judged(self) -> bool:
-        return self.judge != NO_JUDGE
+        """Whether a judge model scores the replies (not for 'none' or 'screen')."""
+        return self.judge not in (NO_JUDGE, SCREEN)
+
+    @property
+    def filter_mode(self) -> str:
+        """How role replies are filtered, in words, for the summary and the artifacts' metadata."""
+        if self.judged:
+            return "judged: role vectors keep replies scored 3"
+        if self.judge == SCREEN:
+            return "screened: replies that present themselves as an AI are dropped, the rest kept (no judge)"
+        return "unjudged: every role reply is kept (not the paper's score-3 filter)"
 
 
 QUICK = BuildConfig(
@@ -232,10 +248,13 @@ def analyse(
     min_count: int,
     target_layer: int,
     keep_score: int = 3,
+    as_ai: Collection[str] = frozenset(),
+    screen: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, torch.Tensor], PCA, dict[str, Any]]:
     """Role vectors, default vector, axis, trait vectors, PCA and the summary numbers from stored rollouts.
 
-    `scores` None means unjudged: every role reply counts as fully in role.
+    `scores` None means unjudged: every role reply counts as fully in role, except, with `screen`, the replies in
+    `as_ai` (those that present themselves as an AI).
     """
     role_samples, default_means, trait_sides = [], [], {}
     empty = 0
@@ -248,7 +267,10 @@ def analyse(
                 role_samples.append((label["role"], None, torch.tensor(math.nan)))  # counted, never averaged
             continue
         if label["kind"] == "role":
-            score = keep_score if scores is None else scores.get(rid)
+            if scores is not None:
+                score = scores.get(rid)
+            else:
+                score = None if screen and rid in as_ai else keep_score
             role_samples.append((label["role"], score, mean))
         elif label["kind"] == "default":
             default_means.append(mean)
@@ -258,10 +280,14 @@ def analyse(
         raise PersonaxisError("no default reply has any content: the default vector cannot be computed")
     filtered = role_vectors(role_samples, min_count=min_count, keep_score=keep_score)
     if len(filtered.vectors) < 2:
-        hint = "" if scores is None else "; lower --min-count, use a stronger judge, or build unjudged (--judge none)"
+        if screen:
+            what, hint = "replies that do not present themselves as an AI", "; lower --min-count or use a judge"
+        elif scores is not None:
+            what, hint = f"replies scored {keep_score}", "; lower --min-count, use a stronger judge, or --judge none"
+        else:
+            what, hint = "replies with content", ""
         raise PersonaxisError(
-            f"only {len(filtered.vectors)} role(s) have at least {min_count} replies scored {keep_score}{hint} "
-            f"(counts: {filtered.counts})"
+            f"only {len(filtered.vectors)} role(s) have at least {min_count} {what}{hint} (counts: {filtered.counts})"
         )
     default = torch.stack(default_means).mean(dim=0)
     axis = assistant_axis(default, filtered.vectors)
@@ -284,6 +310,8 @@ def analyse(
         row = score_table.setdefault(label["role"], {})
         if _finite(records[rid]) is None:
             key = "empty"
+        elif screen:
+            key = "screened" if rid in as_ai else "kept"
         elif scores is None:
             key = "unjudged"
         else:
@@ -321,6 +349,7 @@ def analyse(
             "pc1_cosine_by_layer": cos_by_layer,
             "pc1_cosine_at_target": cos_by_layer[target_layer],
         },
+        "ai_self_reference": _self_reference(labels, records, as_ai, names, space.scores[:, 0].tolist()),
         "traits": {
             name: {
                 "cosine_with_axis": cosine(vector[target_layer], axis[target_layer]),
@@ -331,6 +360,39 @@ def analyse(
     }
     vectors = {**filtered.vectors, DEFAULT_ROLE: default}
     return vectors, default, axis, traits, space, summary
+
+
+def _self_reference(
+    labels: dict[str, dict[str, Any]],
+    records: dict[str, Record],
+    as_ai: Collection[str],
+    kept: list[str],
+    pc1: list[float],
+) -> dict[str, Any]:
+    """How many replies present themselves as an AI, per role, and Spearman's ρ of that share with PC1 over roles.
+
+    A ρ near ±1 says PC1 orders the roles by how often they were declined, not by what they are.
+    """
+    replies: dict[str, list[bool]] = {}
+    for rid, label in labels.items():
+        if label["kind"] == "role" and _finite(records[rid]) is not None:
+            replies.setdefault(label["role"], []).append(rid in as_ai)
+    share = {role: sum(flags) / len(flags) for role, flags in sorted(replies.items())}
+    rho = p = None
+    xs = [share[n] for n in kept]
+    if len(kept) >= 3 and len(set(xs)) > 1 and len(set(pc1)) > 1:
+        from scipy.stats import spearmanr
+
+        result = spearmanr(xs, pc1)
+        rho, p = float(result.statistic), float(result.pvalue)
+    total = sum(len(flags) for flags in replies.values())
+    return {
+        "replies": sum(sum(flags) for flags in replies.values()),
+        "of": total,
+        "share_by_role": share,
+        "pc1_spearman": rho,
+        "pc1_spearman_p": p,
+    }
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------------
@@ -385,6 +447,8 @@ def build_axis(
             "or --samples"
         )
     rubric = load_role_rubric() if rubric is None else rubric
+    if config.judge == SCREEN and not rubric.ai_self_reference:
+        raise PersonaxisError("--judge screen needs the rubric's ai_self_reference patterns, and this rubric has none")
     name = config.model_name or self_name(model)
     default_prompts = load_default_prompts(name)
 
@@ -418,6 +482,7 @@ def build_axis(
         ]
         log(f"judging role adoption of {len(items)} replies with {judge.judge_id}")
         judgement = judge_roles(judge, rubric, items, progress=progress)
+    as_ai = {r.id for r in plan if r.labels["kind"] == "role" and rubric.presents_as_ai(records[r.id].data["text"])}
 
     info = {
         "model": model.name,
@@ -426,9 +491,7 @@ def build_axis(
         "judge": {
             "spec": config.judge,
             "id": judge.judge_id if judge is not None else None,
-            "mode": "judged: role vectors keep replies scored 3"
-            if config.judged
-            else "unjudged: every role reply is kept (not the paper's score-3 filter)",
+            "mode": config.filter_mode,
             "undefined": judgement.undefined if judgement else 0,
             "failed": judgement.failed if judgement else 0,
             "stats": asdict(judge.stats) if judge is not None else None,
@@ -444,6 +507,8 @@ def build_axis(
         judgement.scores if judgement else None,
         min_count=config.min_count,
         target_layer=target,
+        as_ai=as_ai,
+        screen=config.judge == SCREEN,
     )
     summary["seconds"] = round(time.time() - started, 1)
     result = _artifacts(model, Path(run_dir), config, vectors, axis, trait_vectors, space, summary)
@@ -470,7 +535,7 @@ def _artifacts(
     norms = residual_norms(model, neutral_texts())
     target = summary["target_layer"]
     config_dict = asdict(config)
-    judged = "judged" if config.judged else "unjudged (every role reply kept)"
+    judged = config.filter_mode.partition(":")[0]
     common = dict(aggregation="response_mean", mean_norms=norms)
     counts = {"roles": len(role_vectors_) - 1, "default_replies": summary["counts"]["default_replies"]}
     axis_meta = meta_for(

@@ -104,7 +104,13 @@ def build_cmd(
     questions: Annotated[int | None, typer.Option(help="how many shared questions (seeded subset)")] = None,
     samples: Annotated[int | None, typer.Option(help="samples per prompt × question")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="reply length in tokens")] = None,
-    judge: Annotated[str | None, typer.Option(help=f"role-adoption judge: {JUDGE_HELP}, or 'none' (keep all)")] = None,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help=f"role-adoption judge: {JUDGE_HELP}; 'screen' (no judge: drop replies that present themselves as an "
+            "AI); or 'none' (keep all)"
+        ),
+    ] = None,
     min_count: Annotated[int | None, typer.Option(help="fewest replies scored 3 for a role to be kept")] = None,
     target_layer: Annotated[int | None, typer.Option(help="layer for the PCA (default: the middle block)")] = None,
     traits: Annotated[str | None, typer.Option(help="how many interpretation traits, or 'all'")] = None,
@@ -180,11 +186,18 @@ def build_cmd(
         ("PCs for 70%", s["pca"]["pcs_for_70_percent"]),
         ("|cos(PC1, axis)| at target", f"{s['axis']['pc1_cosine_at_target']:.3f}"),
         ("empty replies", s["counts"]["empty_replies"]),
+        ("replies presenting as an AI", _as_ai(s["ai_self_reference"])),
         ("artifacts", ", ".join(s["artifacts"].values())),
         ("report", write_report(run)),
     ):
         table.add_row(label, str(value))
     console.print(table)
+
+
+def _as_ai(found: dict) -> str:
+    share = f"{found['replies']} of {found['of']}"
+    rho = found["pc1_spearman"]
+    return share if rho is None else f"{share}; Spearman ρ of a role's share with PC1 {rho:.2f}"
 
 
 @axis_app.command("report")

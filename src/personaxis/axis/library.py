@@ -8,8 +8,9 @@ under ``personaxis/data/axis``:
 - ``default.json``: ``{"name", "description", "prompts"}``, the five default prompts (``null`` = no system prompt,
   ``{model_name}`` filled in at run time);
 - ``questions.json``: a list of strings, asked under every role and the default;
-- ``rubric_role.json``: ``{"name", "prompt", "labels"}``, the 0-3 judge prompt with ``{role}``,
-  ``{role_description}``, ``{question}`` and ``{answer}``; ``labels[i]`` names score ``i``;
+- ``rubric_role.json``: ``{"name", "prompt", "labels", "ai_self_reference"}``, the 0-3 judge prompt with ``{role}``,
+  ``{role_description}``, ``{question}`` and ``{answer}``; ``labels[i]`` names score ``i``; ``ai_self_reference``
+  (optional) lists regular expressions for a reply presenting itself as an AI, which the rubric never scores 3;
 - ``traits.json``: a list of ``{"name", "description", "pos", "neg"}`` used to put words on persona-space directions.
 
 Every loader takes a user's file by path instead and validates it the same way. The files are edited by hand and feed
@@ -121,6 +122,7 @@ class RoleRubric(_Model):
     name: str
     prompt: str
     labels: tuple[str, ...]
+    ai_self_reference: tuple[str, ...] = ()  # case-insensitive regular expressions, searched anywhere in a reply
 
     @model_validator(mode="after")
     def _check(self) -> RoleRubric:
@@ -134,7 +136,19 @@ class RoleRubric(_Model):
                     f"has an invalid label {label!r} for score {i}: use lowercase letters, digits, '_' or '-'"
                 )
         _check_unique((f"label for score {i}", label) for i, label in enumerate(self.labels))
+        for i, pattern in enumerate(self.ai_self_reference, 1):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"has an invalid ai_self_reference pattern {i} ({err})") from None
         return self
+
+    def presents_as_ai(self, reply: str) -> bool:
+        """Whether `reply` speaks of itself as an AI ("As an AI language model..."): by the rubric never fully in role.
+
+        A cheap check with no judge: the patterns find the plain cases, not every reply a judge would score below 3.
+        """
+        return any(re.search(p, reply, re.IGNORECASE) for p in self.ai_self_reference)
 
     @property
     def max_score(self) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personaxis.axis import plots
-from personaxis.axis.build import NO_JUDGE, load_summary
+from personaxis.axis.build import NO_JUDGE, SCREEN, load_summary
 from personaxis.store import atomic_write_text
 
 DRIFT = "drift.json"
@@ -40,6 +40,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _self_reference_lines(found: dict[str, Any] | None) -> list[str]:
+    if not found or not found["of"]:
+        return []
+    line = (
+        f"- {found['replies']} of {found['of']} role replies ({100 * found['replies'] / found['of']:.0f}%) present "
+        "themselves as an AI."
+    )
+    if found["pc1_spearman"] is not None:
+        line += (
+            f" Over the kept roles, Spearman ρ of a role's share of them with its PC1 coordinate: "
+            f"**{found['pc1_spearman']:.2f}** (p = {_num(found['pc1_spearman_p'], 2)}); near ±1, PC1 orders the "
+            "roles by how often they were declined."
+        )
+    return [line]
+
+
 def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path) -> list[str]:
     cfg, counts, pcs, axis = summary["config"], summary["counts"], summary["pca"], summary["axis"]
     roles = summary["roles"]
@@ -55,7 +71,7 @@ def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path)
         f"- sampling: temperature {cfg['temperature']}, top-p {cfg['top_p']}, {cfg['max_tokens']} tokens, "
         f"{cfg['samples']} sample(s) per prompt × question, {cfg['questions']} questions, seed {cfg['seed']}",
         f"- roles kept: {len(roles['kept'])} "
-        + f"(at least {roles['min_count']} replies{' scored 3' if cfg['judge'] != NO_JUDGE else ''})"
+        + f"(at least {roles['min_count']} replies{' scored 3' if cfg['judge'] not in (NO_JUDGE, SCREEN) else ''})"
         + "; dropped: "
         + (", ".join(f"{r} ({n})" for r, n in roles["dropped"].items()) or "none"),
         "",
@@ -65,6 +81,7 @@ def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path)
         f"{pcs['layer']}; {pcs['pcs_for_70_percent']} PCs reach 70%.",
         f"- |cos(PC1, axis)| at the target layer: **{axis['pc1_cosine_at_target']:.3f}** "
         f"(max over layers {max(axis['pc1_cosine_by_layer']):.3f}).",
+        *_self_reference_lines(summary.get("ai_self_reference")),
         "",
     ]
     for key, title in (("plot_pca", "PC1 × PC2"), ("plot_variance", "variance"), ("plot_cosine_by_layer", "cosine")):
