@@ -72,7 +72,7 @@ def test_a_screened_build_of_the_same_rollouts(monkeypatch, capsys, folder, run,
     code, _, err = cli(
         monkeypatch,
         capsys,
-        "axis build -m {m} --roles 3 --questions 2 --max-tokens 3 --judge screen --min-count 1 --traits 1 "
+        "axis build -m {m} --roles 3 --questions 2 --max-tokens 3 --judge none --screen --min-count 1 --traits 1 "
         "--run {run} --dtype float32",
         m=folder,
         run=tmp_path / "screened",

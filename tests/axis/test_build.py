@@ -2,6 +2,7 @@
 artifacts, and what happens when the judge answers garbage or fails."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -253,7 +254,7 @@ def test_analysis_screens_ai_replies_and_relates_their_share_to_pc1():
 def test_a_screened_build_reuses_the_rollouts_and_drops_what_the_patterns_match(tiny, tmp_path):
     unjudged = BuildConfig(questions=2, max_tokens=3, judge="none", min_count=1, traits=0, batch_size=16)
     first = build_axis(tiny, tmp_path, unjudged, roles=ROLES[:3], questions=QUESTIONS, progress=False)
-    screen = BuildConfig(questions=2, max_tokens=3, judge="screen", min_count=1, traits=0, batch_size=16)
+    screen = replace(unjudged, screen=True)
     never = build_axis(tiny, tmp_path, screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric("(?!)"),
                        progress=False)  # fmt: skip
     torch.testing.assert_close(never.axis.data["axis"], first.axis.data["axis"])
@@ -261,6 +262,28 @@ def test_a_screened_build_reuses_the_rollouts_and_drops_what_the_patterns_match(
     assert never.summary["scores"][ROLES[0].name] == {"kept": 10}
     with pytest.raises(PersonaxisError, match="only 0 role.*do not present themselves as an AI"):
         build_axis(tiny, tmp_path, screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric("."), progress=False)
-    with pytest.raises(PersonaxisError, match="needs the rubric's ai_self_reference patterns"):
+    with pytest.raises(PersonaxisError, match="--screen needs the rubric's ai_self_reference patterns"):
         build_axis(tiny, tmp_path / "none", screen, roles=ROLES[:3], questions=QUESTIONS, rubric=_rubric())
     assert not (tmp_path / "none").exists()
+
+
+def test_a_judge_sees_only_the_replies_the_screen_lets_through(tiny, tmp_path):
+    """Screened replies are never judged and never kept, whatever a judge would have said of them."""
+    seen = []
+    judge = FakeJudge(lambda p: seen.append(p) or 3)
+    rubric = _rubric("^\\S*[aeiou]")  # some replies of a random model match, some do not
+    config = replace(CONFIG, screen=True, min_count=1)
+    result = build(tiny, tmp_path, config=config, judge=judge, rubric=rubric)
+    texts = {
+        r.data["text"]
+        for _, r in RunStore(tmp_path).items(ROLLOUT_STAGE, tensors=False)
+        if r.data["labels"]["kind"] == "role"
+    }
+    screened = {t for t in texts if rubric.presents_as_ai(t)}
+    assert screened and screened != texts
+    assert not any(f"<reply>\n{t}\n</reply>" in p for t in screened for p in seen)
+    counts = {k: sum(row.get(k, 0) for row in result.summary["scores"].values()) for k in ("screened", "3")}
+    assert counts["screened"] + counts["3"] == result.summary["counts"]["role_replies"] - sum(
+        row.get("empty", 0) for row in result.summary["scores"].values()
+    )
+    assert counts["3"] == len(seen) and "judged" in result.summary["judge"]["mode"]

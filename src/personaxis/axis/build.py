@@ -7,8 +7,9 @@ not cached, so they are retried). The analysis that follows is cheap and always 
 
 Without a judge (`judge="none"`) nothing is filtered: every role reply counts toward its role vector. That is *not*
 the paper's method (its role vectors keep only replies scored 3) and the run says so in its metadata and summary.
-`judge="screen"` asks no judge either but drops the replies that present themselves as an AI (the rubric's
-`ai_self_reference` patterns), which the rubric never scores 3: a cheap approximation of the filter.
+`screen=True` drops the replies that present themselves as an AI (the rubric's `ai_self_reference` patterns), which
+the rubric never scores 3, before any judge sees them: with no judge, a cheap approximation of the filter; with one,
+fewer judge calls and none of a weak judge's 3s for a reply that speaks as the AI.
 
 Every build reports how many of each role's replies present themselves as an AI, and how closely that share follows
 PC1 across roles: unfiltered, a space can be ordered by how often a role is declined rather than by the roles.
@@ -53,7 +54,6 @@ from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
 NO_JUDGE = "none"
-SCREEN = "screen"
 ROLLOUT_STAGE = "rollouts"
 CAPTURES = ("response",)  # captured at every layer
 SUMMARY = "summary.json"
@@ -79,6 +79,7 @@ class BuildConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     judge: str = "local:same"
+    screen: bool = False  # drop replies that present themselves as an AI before judging
     min_count: int = 50
     target_layer: int | None = None  # None: the middle block
     traits: int | None = None  # None: every trait of the library
@@ -97,16 +98,16 @@ class BuildConfig:
 
     @property
     def judged(self) -> bool:
-        """Whether a judge model scores the replies (not for 'none' or 'screen')."""
-        return self.judge not in (NO_JUDGE, SCREEN)
+        return self.judge != NO_JUDGE
 
     @property
     def filter_mode(self) -> str:
         """How role replies are filtered, in words, for the summary and the artifacts' metadata."""
+        screened = "replies that present themselves as an AI are dropped"
         if self.judged:
-            return "judged: role vectors keep replies scored 3"
-        if self.judge == SCREEN:
-            return "screened: replies that present themselves as an AI are dropped, the rest kept (no judge)"
+            return "judged: role vectors keep replies scored 3" + (f" ({screened} unjudged)" if self.screen else "")
+        if self.screen:
+            return f"screened: {screened}, the rest kept (no judge)"
         return "unjudged: every role reply is kept (not the paper's score-3 filter)"
 
 
@@ -253,8 +254,8 @@ def analyse(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, torch.Tensor], PCA, dict[str, Any]]:
     """Role vectors, default vector, axis, trait vectors, PCA and the summary numbers from stored rollouts.
 
-    `scores` None means unjudged: every role reply counts as fully in role, except, with `screen`, the replies in
-    `as_ai` (those that present themselves as an AI).
+    `scores` None means unjudged: every role reply counts as fully in role. With `screen`, the replies in `as_ai`
+    (those that present themselves as an AI) never count.
     """
     role_samples, default_means, trait_sides = [], [], {}
     empty = 0
@@ -267,10 +268,10 @@ def analyse(
                 role_samples.append((label["role"], None, torch.tensor(math.nan)))  # counted, never averaged
             continue
         if label["kind"] == "role":
-            if scores is not None:
-                score = scores.get(rid)
+            if screen and rid in as_ai:
+                score = None
             else:
-                score = None if screen and rid in as_ai else keep_score
+                score = keep_score if scores is None else scores.get(rid)
             role_samples.append((label["role"], score, mean))
         elif label["kind"] == "default":
             default_means.append(mean)
@@ -280,10 +281,10 @@ def analyse(
         raise PersonaxisError("no default reply has any content: the default vector cannot be computed")
     filtered = role_vectors(role_samples, min_count=min_count, keep_score=keep_score)
     if len(filtered.vectors) < 2:
-        if screen:
-            what, hint = "replies that do not present themselves as an AI", "; lower --min-count or use a judge"
-        elif scores is not None:
+        if scores is not None:
             what, hint = f"replies scored {keep_score}", "; lower --min-count, use a stronger judge, or --judge none"
+        elif screen:
+            what, hint = "replies that do not present themselves as an AI", "; lower --min-count"
         else:
             what, hint = "replies with content", ""
         raise PersonaxisError(
@@ -310,10 +311,10 @@ def analyse(
         row = score_table.setdefault(label["role"], {})
         if _finite(records[rid]) is None:
             key = "empty"
-        elif screen:
-            key = "screened" if rid in as_ai else "kept"
+        elif screen and rid in as_ai:
+            key = "screened"
         elif scores is None:
-            key = "unjudged"
+            key = "kept" if screen else "unjudged"
         else:
             key = "undefined" if scores.get(rid) is None else str(scores[rid])
         row[key] = row.get(key, 0) + 1
@@ -447,8 +448,8 @@ def build_axis(
             "or --samples"
         )
     rubric = load_role_rubric() if rubric is None else rubric
-    if config.judge == SCREEN and not rubric.ai_self_reference:
-        raise PersonaxisError("--judge screen needs the rubric's ai_self_reference patterns, and this rubric has none")
+    if config.screen and not rubric.ai_self_reference:
+        raise PersonaxisError("--screen needs the rubric's ai_self_reference patterns, and this rubric has none")
     name = config.model_name or self_name(model)
     default_prompts = load_default_prompts(name)
 
@@ -472,17 +473,19 @@ def build_axis(
     records = run_rollouts(store, plan, backend, stage=ROLLOUT_STAGE, progress=progress)
     labels = {r.id: r.labels for r in plan}
 
+    as_ai = {r.id for r in plan if r.labels["kind"] == "role" and rubric.presents_as_ai(records[r.id].data["text"])}
     judgement = None
     if judge is not None and config.judged:
         by_name = {role.name: role for role in chosen_roles}
         items = [  # an empty reply has nothing to judge (and no response mean): it is counted as empty
             (r.id, by_name[r.labels["role"]], chosen_questions[r.labels["question"]], records[r.id].data["text"])
             for r in plan
-            if r.labels["kind"] == "role" and records[r.id].data["text"].strip()
+            if r.labels["kind"] == "role"
+            and records[r.id].data["text"].strip()
+            and not (config.screen and r.id in as_ai)
         ]
         log(f"judging role adoption of {len(items)} replies with {judge.judge_id}")
         judgement = judge_roles(judge, rubric, items, progress=progress)
-    as_ai = {r.id for r in plan if r.labels["kind"] == "role" and rubric.presents_as_ai(records[r.id].data["text"])}
 
     info = {
         "model": model.name,
@@ -508,7 +511,7 @@ def build_axis(
         min_count=config.min_count,
         target_layer=target,
         as_ai=as_ai,
-        screen=config.judge == SCREEN,
+        screen=config.screen,
     )
     summary["seconds"] = round(time.time() - started, 1)
     result = _artifacts(model, Path(run_dir), config, vectors, axis, trait_vectors, space, summary)

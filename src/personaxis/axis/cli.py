@@ -104,11 +104,12 @@ def build_cmd(
     questions: Annotated[int | None, typer.Option(help="how many shared questions (seeded subset)")] = None,
     samples: Annotated[int | None, typer.Option(help="samples per prompt × question")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="reply length in tokens")] = None,
-    judge: Annotated[
-        str | None,
+    judge: Annotated[str | None, typer.Option(help=f"role-adoption judge: {JUDGE_HELP}, or 'none' (keep all)")] = None,
+    screen: Annotated[
+        bool | None,
         typer.Option(
-            help=f"role-adoption judge: {JUDGE_HELP}; 'screen' (no judge: drop replies that present themselves as an "
-            "AI); or 'none' (keep all)"
+            "--screen/--no-screen",
+            help="drop role replies that present themselves as an AI ('As an AI language model...') before judging",
         ),
     ] = None,
     min_count: Annotated[int | None, typer.Option(help="fewest replies scored 3 for a role to be kept")] = None,
@@ -145,6 +146,7 @@ def build_cmd(
         samples=samples,
         max_tokens=max_tokens,
         judge=judge,
+        screen=screen,
         min_count=min_count,
         target_layer=target_layer,
         seed=seed,

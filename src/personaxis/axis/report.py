@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personaxis.axis import plots
-from personaxis.axis.build import NO_JUDGE, SCREEN, load_summary
+from personaxis.axis.build import NO_JUDGE, load_summary
 from personaxis.store import atomic_write_text
 
 DRIFT = "drift.json"
@@ -71,7 +71,7 @@ def _build_section(summary: dict[str, Any], figures: dict[str, Path], run: Path)
         f"- sampling: temperature {cfg['temperature']}, top-p {cfg['top_p']}, {cfg['max_tokens']} tokens, "
         f"{cfg['samples']} sample(s) per prompt × question, {cfg['questions']} questions, seed {cfg['seed']}",
         f"- roles kept: {len(roles['kept'])} "
-        + f"(at least {roles['min_count']} replies{' scored 3' if cfg['judge'] not in (NO_JUDGE, SCREEN) else ''})"
+        + f"(at least {roles['min_count']} replies{' scored 3' if cfg['judge'] != NO_JUDGE else ''})"
         + "; dropped: "
         + (", ".join(f"{r} ({n})" for r, n in roles["dropped"].items()) or "none"),
         "",
