@@ -157,3 +157,21 @@ def test_drift_statistics_match_scipy():
     assert s["paper_direction"] is True
     lonely = drift_stats([DriftResult("t1", "therapy", [], [1.0])])
     assert lonely["per_turn"]["welch_p"] is None and lonely["paper_direction"] is None
+
+
+def test_drift_counts_replies_that_speak_as_an_ai():
+    def chat(*replies):
+        return [
+            m for text in replies for m in ({"role": "user", "content": "?"}, {"role": "assistant", "content": text})
+        ]
+
+    results = [
+        DriftResult("p1", "philosophy", chat("As an AI, no.", "", "I ponder."), [3.0, None, 1.0]),
+        DriftResult("c1", "coding", chat("Use a loop.", "As an AI language model, I suggest..."), [1.0, 2.0]),
+    ]
+    s = drift_stats(results)  # the role rubric's patterns
+    assert s["domains"]["philosophy"]["as_ai_share"] == pytest.approx(1 / 2)  # the empty turn is not counted
+    assert s["domains"]["coding"]["as_ai_share"] == pytest.approx(1 / 2)
+    assert s["as_ai"] == {"turns": 2, "of": 4, "mean_projection": [pytest.approx(2.5), pytest.approx(1.0)]}
+    none = drift_stats(results, presents_as_ai=lambda text: False)
+    assert none["as_ai"]["turns"] == 0 and none["as_ai"]["mean_projection"][0] is None

@@ -403,12 +403,19 @@ def drift_cmd(
     path = _write_json(run / DRIFT, data)
     figure = drift_trajectories(run / "plots" / "drift.png", data["conversations"], layer)
     table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
-    for column in ("domain", "conversations", "turns", "mean projection", "slope / turn"):
+    for column in ("domain", "conversations", "turns", "mean projection", "slope / turn", "speaks as an AI"):
         table.add_column(column, justify="right")
     for d, s in stats["domains"].items():
         slope = "–" if s["slope_per_turn"] is None else f"{s['slope_per_turn']:+.3f}"
-        table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope)
+        share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
+        table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope, share)
     console.print(table)
+    ai = stats["as_ai"]
+    console.print(
+        f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
+        f"against {_fmt(ai['mean_projection'][1])} for the others",
+        highlight=False,
+    )
     for level in ("per_turn", "per_conversation"):
         t = stats[level]
         away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])

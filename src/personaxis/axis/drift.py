@@ -269,16 +269,31 @@ def _tests(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def drift_stats(results: Sequence[DriftResult]) -> dict[str, Any]:
+def _spoken(result: DriftResult) -> list[tuple[str, float]]:
+    """(reply, projection) of each assistant turn with content."""
+    replies = [m["content"] for m in result.messages if m["role"] == "assistant"]
+    return [(text, v) for text, v in zip(replies, result.projections, strict=False) if v is not None]
+
+
+def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Per-domain means and slopes; therapy+philosophy against coding+writing, per turn and per conversation.
 
     Turns of one conversation are not independent, so the per-conversation test (each conversation's mean turn) is
     the honest one; the per-turn test is reported beside it because it is what a reader will compute first.
+    Replies that present themselves as an AI (`presents_as_ai`, by default the role rubric's patterns) are counted
+    per domain, with the mean projection of those turns against the others: a model that answers one domain with
+    disclaimers sits higher on the axis there for that reason alone.
     """
+    if presents_as_ai is None:
+        from personaxis.axis.library import load_role_rubric
+
+        presents_as_ai = load_role_rubric().presents_as_ai
+    flagged = {id(r): [(presents_as_ai(text), v) for text, v in _spoken(r)] for r in results}
     domains: dict[str, dict[str, Any]] = {}
     for domain in sorted({r.domain for r in results}):
         rows = [r for r in results if r.domain == domain]
         points = [(t, v) for r in rows for t, v in enumerate(r.projections) if v is not None]
+        as_ai = [ai for r in rows for ai, _ in flagged[id(r)]]
         domains[domain] = {
             "conversations": len(rows),
             "turns": len(points),
@@ -288,6 +303,7 @@ def drift_stats(results: Sequence[DriftResult]) -> dict[str, Any]:
             "last_turn_mean": _mean(
                 [r.projections[-1] for r in rows if r.projections and r.projections[-1] is not None]
             ),
+            "as_ai_share": sum(as_ai) / len(as_ai) if as_ai else None,
         }
 
     def turns_of(group: Sequence[str]) -> list[float]:
@@ -300,8 +316,14 @@ def drift_stats(results: Sequence[DriftResult]) -> dict[str, Any]:
     per_turn = _tests(turns_of(AWAY), turns_of(STAY))
     per_conversation = _tests(conversations_of(AWAY), conversations_of(STAY))
     means = per_turn["mean"]
+    turns = [pair for pairs in flagged.values() for pair in pairs]
     return {
         "domains": domains,
+        "as_ai": {
+            "turns": sum(ai for ai, _ in turns),
+            "of": len(turns),
+            "mean_projection": [_mean([v for ai, v in turns if ai]), _mean([v for ai, v in turns if not ai])],
+        },
         "groups": {"away": list(AWAY), "stay": list(STAY)},
         "per_turn": per_turn,
         "per_conversation": per_conversation,

@@ -142,9 +142,18 @@ def _drift_section(drift: dict[str, Any], figure: Path | None, run: Path) -> lis
         "",
     ]
     lines += _table(
-        ["domain", "conversations", "turns", "mean projection", "slope per turn"],
-        [(d, s["conversations"], s["turns"], s["mean"], s["slope_per_turn"]) for d, s in stats["domains"].items()],
+        ["domain", "conversations", "turns", "mean projection", "slope per turn", "share speaking as an AI"],
+        [
+            (d, s["conversations"], s["turns"], s["mean"], s["slope_per_turn"], s.get("as_ai_share"))
+            for d, s in stats["domains"].items()
+        ],
     )
+    if "as_ai" in stats:
+        ai = stats["as_ai"]
+        lines += [
+            f"- {ai['turns']} of {ai['of']} replies speak as an AI (the role rubric's patterns); their mean "
+            f"projection {_num(ai['mean_projection'][0])} against {_num(ai['mean_projection'][1])} for the others"
+        ]
     for level in ("per_turn", "per_conversation"):
         t = stats[level]
         lines.append(
