@@ -139,6 +139,7 @@ def test_drift(monkeypatch, capsys, folder, run):
     assert all(len(c["projections"]) == 2 for c in drift["conversations"])
     assert "welch_p" in drift["stats"]["per_conversation"] and (run / "plots" / "drift.png").is_file()
     assert "Welch p=" in out
+    assert f"{drift['stats']['as_ai']['turns']} of 8 replies speak as an AI" in out.replace("\n", " ")
 
 
 def test_calibrate_then_replay_then_steer(monkeypatch, capsys, folder, run, tmp_path):

@@ -172,6 +172,9 @@ def test_drift_counts_replies_that_speak_as_an_ai():
     s = drift_stats(results)  # the role rubric's patterns
     assert s["domains"]["philosophy"]["as_ai_share"] == pytest.approx(1 / 2)  # the empty turn is not counted
     assert s["domains"]["coding"]["as_ai_share"] == pytest.approx(1 / 2)
-    assert s["as_ai"] == {"turns": 2, "of": 4, "mean_projection": [pytest.approx(2.5), pytest.approx(1.0)]}
+    ai = s["as_ai"]
+    assert (ai["turns"], ai["of"], ai["mean_projection"]) == (2, 4, [pytest.approx(2.5), pytest.approx(1.0)])
+    without = ai["per_conversation_without"]  # each conversation's mean over the turns that do not speak as an AI
+    assert without["n"] == [1, 1] and without["mean"] == [pytest.approx(1.0), pytest.approx(1.0)]
     none = drift_stats(results, presents_as_ai=lambda text: False)
     assert none["as_ai"]["turns"] == 0 and none["as_ai"]["mean_projection"][0] is None

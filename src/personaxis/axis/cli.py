@@ -410,10 +410,12 @@ def drift_cmd(
         share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
         table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope, share)
     console.print(table)
-    ai = stats["as_ai"]
+    ai, without = stats["as_ai"], stats["as_ai"]["per_conversation_without"]
     console.print(
         f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
-        f"against {_fmt(ai['mean_projection'][1])} for the others",
+        f"against {_fmt(ai['mean_projection'][1])} for the others; per conversation without them: therapy+philosophy "
+        f"{_fmt(without['mean'][0])} vs coding+writing {_fmt(without['mean'][1])} "
+        f"(Welch p={_fmt(without['welch_p'], '.3g')})",
         highlight=False,
     )
     for level in ("per_turn", "per_conversation"):

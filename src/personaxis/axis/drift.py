@@ -313,6 +313,10 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
         means = [_mean([v for v in r.projections if v is not None]) for r in results if r.domain in group]
         return [m for m in means if m is not None]
 
+    def conversations_without_ai(group: Sequence[str]) -> list[float]:
+        means = [_mean([v for ai, v in flagged[id(r)] if not ai]) for r in results if r.domain in group]
+        return [m for m in means if m is not None]
+
     per_turn = _tests(turns_of(AWAY), turns_of(STAY))
     per_conversation = _tests(conversations_of(AWAY), conversations_of(STAY))
     means = per_turn["mean"]
@@ -323,6 +327,7 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
             "turns": sum(ai for ai, _ in turns),
             "of": len(turns),
             "mean_projection": [_mean([v for ai, v in turns if ai]), _mean([v for ai, v in turns if not ai])],
+            "per_conversation_without": _tests(conversations_without_ai(AWAY), conversations_without_ai(STAY)),
         },
         "groups": {"away": list(AWAY), "stay": list(STAY)},
         "per_turn": per_turn,

@@ -150,9 +150,13 @@ def _drift_section(drift: dict[str, Any], figure: Path | None, run: Path) -> lis
     )
     if "as_ai" in stats:
         ai = stats["as_ai"]
+        without = ai["per_conversation_without"]
         lines += [
             f"- {ai['turns']} of {ai['of']} replies speak as an AI (the role rubric's patterns); their mean "
-            f"projection {_num(ai['mean_projection'][0])} against {_num(ai['mean_projection'][1])} for the others"
+            f"projection {_num(ai['mean_projection'][0])} against {_num(ai['mean_projection'][1])} for the others",
+            f"- per conversation, leaving those turns out: therapy+philosophy {_num(without['mean'][0])} "
+            f"(n={without['n'][0]}) vs coding+writing {_num(without['mean'][1])} (n={without['n'][1]}); Welch p = "
+            f"{_num(without['welch_p'])}",
         ]
     for level in ("per_turn", "per_conversation"):
         t = stats[level]
