@@ -196,7 +196,7 @@ def build_cmd(
     console.print(table)
 
 
-def _as_ai(found: dict) -> str:
+def _as_ai(found: dict[str, Any]) -> str:
     share = f"{found['replies']} of {found['of']}"
     rho = found["pc1_spearman"]
     return share if rho is None else f"{share}; Spearman ρ of a role's share with PC1 {rho:.2f}"

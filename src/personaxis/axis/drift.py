@@ -288,12 +288,12 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
         from personaxis.axis.library import load_role_rubric
 
         presents_as_ai = load_role_rubric().presents_as_ai
-    flagged = {id(r): [(presents_as_ai(text), v) for text, v in _spoken(r)] for r in results}
+    flagged = [(r, [(presents_as_ai(text), v) for text, v in _spoken(r)]) for r in results]  # (is AI, projection)
     domains: dict[str, dict[str, Any]] = {}
     for domain in sorted({r.domain for r in results}):
         rows = [r for r in results if r.domain == domain]
         points = [(t, v) for r in rows for t, v in enumerate(r.projections) if v is not None]
-        as_ai = [ai for r in rows for ai, _ in flagged[id(r)]]
+        as_ai = [ai for r, turns in flagged if r.domain == domain for ai, _ in turns]
         domains[domain] = {
             "conversations": len(rows),
             "turns": len(points),
@@ -314,13 +314,13 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
         return [m for m in means if m is not None]
 
     def conversations_without_ai(group: Sequence[str]) -> list[float]:
-        means = [_mean([v for ai, v in flagged[id(r)] if not ai]) for r in results if r.domain in group]
+        means = [_mean([v for ai, v in turns if not ai]) for r, turns in flagged if r.domain in group]
         return [m for m in means if m is not None]
 
     per_turn = _tests(turns_of(AWAY), turns_of(STAY))
     per_conversation = _tests(conversations_of(AWAY), conversations_of(STAY))
     means = per_turn["mean"]
-    turns = [pair for pairs in flagged.values() for pair in pairs]
+    turns = [pair for _, pairs in flagged for pair in pairs]
     return {
         "domains": domains,
         "as_ai": {
