@@ -258,6 +258,8 @@ def analyse(
     (those that present themselves as an AI) never count.
     """
     role_samples, default_means, trait_sides = [], [], {}
+    as_ai_by_role: dict[str, list[bool]] = {}  # per role, for each reply with content: does it speak as an AI
+    dropped = as_ai if screen else frozenset()
     empty = 0
     for rid, record in records.items():
         label = labels[rid]
@@ -268,11 +270,9 @@ def analyse(
                 role_samples.append((label["role"], None, torch.tensor(math.nan)))  # counted, never averaged
             continue
         if label["kind"] == "role":
-            if screen and rid in as_ai:
-                score = None
-            else:
-                score = keep_score if scores is None else scores.get(rid)
+            score = None if rid in dropped else keep_score if scores is None else scores.get(rid)
             role_samples.append((label["role"], score, mean))
+            as_ai_by_role.setdefault(label["role"], []).append(rid in as_ai)
         elif label["kind"] == "default":
             default_means.append(mean)
         elif label["kind"] == "trait":
@@ -311,7 +311,7 @@ def analyse(
         row = score_table.setdefault(label["role"], {})
         if _finite(records[rid]) is None:
             key = "empty"
-        elif screen and rid in as_ai:
+        elif rid in dropped:
             key = "screened"
         elif scores is None:
             key = "kept" if screen else "unjudged"
@@ -350,7 +350,7 @@ def analyse(
             "pc1_cosine_by_layer": cos_by_layer,
             "pc1_cosine_at_target": cos_by_layer[target_layer],
         },
-        "ai_self_reference": _self_reference(labels, records, as_ai, names, space.scores[:, 0].tolist()),
+        "ai_self_reference": _self_reference(as_ai_by_role, names, space.scores[:, 0].tolist()),
         "traits": {
             name: {
                 "cosine_with_axis": cosine(vector[target_layer], axis[target_layer]),
@@ -363,21 +363,11 @@ def analyse(
     return vectors, default, axis, traits, space, summary
 
 
-def _self_reference(
-    labels: dict[str, dict[str, Any]],
-    records: dict[str, Record],
-    as_ai: Collection[str],
-    kept: list[str],
-    pc1: list[float],
-) -> dict[str, Any]:
+def _self_reference(replies: dict[str, list[bool]], kept: list[str], pc1: list[float]) -> dict[str, Any]:
     """How many replies present themselves as an AI, per role, and Spearman's ρ of that share with PC1 over roles.
 
     A ρ near ±1 says PC1 orders the roles by how often they were declined, not by what they are.
     """
-    replies: dict[str, list[bool]] = {}
-    for rid, label in labels.items():
-        if label["kind"] == "role" and _finite(records[rid]) is not None:
-            replies.setdefault(label["role"], []).append(rid in as_ai)
     share = {role: sum(flags) / len(flags) for role, flags in sorted(replies.items())}
     rho = p = None
     xs = [share[n] for n in kept]
