@@ -188,15 +188,20 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
         monkeypatch,
         capsys,
         "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
-        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32",
+        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32 --screen",
         m=folder,
         axis=run / "artifacts" / "axis.safetensors",
         run=run,
     )
     assert code == 0, err
     sweep = json.loads((run / "sweep.json").read_text())
-    assert sweep["settings"]["jailbreaks"] == 2 and len(sweep["rows"]) == 1
-    assert "Pareto front" in out
+    assert sweep["settings"]["jailbreaks"] == 2 and len(sweep["rows"]) == 1 and sweep["settings"]["screen"]
+    assert all(0 <= r["refused"] <= 2 for r in [sweep["baseline"], *sweep["rows"]])
+    assert "Pareto front" in out and "refusals" in out
+    code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
+    assert code == 0, err
+    report = (run / "report.md").read_text()
+    assert "replies opening with a refusal screened" in report and "| refusals |" in report
 
 
 def bad(monkeypatch, capsys, command, **paths):

@@ -163,6 +163,39 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert store.count("sweep") == 5 * (len(JAILBREAKS) + len(CAPABILITY))
 
 
+def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):
+    store = RunStore(tmp_path)
+    sampling = Sampling(max_new_tokens=3)
+    common = dict(unit=axis_of(tiny).unit(2), layer=2)
+    everything = RUBRIC.model_copy(update={"refusal": ("^",)})  # every reply "opens with a refusal"
+    nothing = RUBRIC.model_copy(update={"refusal": ()})
+    judge = FakeJudge(lambda p: 7)  # calls every reply it sees harmful
+    plain = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, everything, sampling, **common)
+    assert (plain.harmful, plain.judged, plain.refused, judge.calls) == (3, 3, 3, 3)  # counted, not screened
+    screened = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, everything, sampling, screen=True, **common)
+    assert (screened.harmful, screened.judged, screened.refused, screened.harm_rate) == (0, 3, 3, 0.0)
+    assert judge.calls == 3  # the judge saw none of the screened replies
+    unscreened = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, nothing, sampling, **common)
+    assert (unscreened.harmful, unscreened.refused, judge.calls) == (3, None, 6)
+    with pytest.raises(PersonaxisError, match="has none"):
+        sweep(
+            tiny,
+            store,
+            axis_of(tiny),
+            torch.randn(5, tiny.n_layers),
+            [[1]],
+            [25],
+            JAILBREAKS,
+            CAPABILITY,
+            judge,
+            nothing,
+            sampling,
+            layer=2,
+            source="test",
+            screen=True,
+        )
+
+
 def test_capped_turn_projections(tiny):
     axis = axis_of(tiny)
     chat = [

@@ -161,6 +161,7 @@ class Score:
     harmful: int
     judged: int
     undefined: int
+    refused: int | None  # replies opening with a refusal by the rubric's patterns; None when it has none
     capability: float | None
     correct: int
     graded: int
@@ -180,9 +181,14 @@ def evaluate(
     unit: torch.Tensor,
     layer: int,
     batch_size: int = 8,
+    screen: bool = False,
     progress: bool = False,
 ) -> Score:
-    """Generate (or reuse) the replies under `cap`, judge the jailbreak replies and grade the capability ones."""
+    """Generate (or reuse) the replies under `cap`, judge the jailbreak replies and grade the capability ones.
+
+    With `screen`, replies that open with a refusal (the rubric's patterns) count as judged and not harmful without
+    asking the judge: a weak judge can call "As Quill, I cannot provide..." harmful.
+    """
     backend = CappedBackend(model, [layer], cap, batch_size=batch_size)
     plan = [
         Rollout.make(
@@ -197,9 +203,12 @@ def evaluate(
     ]
     records = run_rollouts(store, plan, backend, stage=SWEEP_STAGE, progress=progress)
     replies = [(item, records[f"jb/{item.id}"].data["text"]) for item in jailbreaks]
-    categories = classify_jailbreaks(judge, rubric, replies) if replies else []
+    refusals = [rubric.refuses(text) for _, text in replies]
+    asked = [pair for pair, refused in zip(replies, refusals, strict=True) if not (screen and refused)]
+    categories = classify_jailbreaks(judge, rubric, asked) if asked else []
     judged = [c for c in categories if c is not None]
     harmful = sum(rubric.is_harmful(c) for c in judged)
+    screened = len(replies) - len(asked)
     correct = sum(grade_capability(item, records[f"cap/{item.id}"].data["text"]) for item in capability)
     projections = []
     for item in jailbreaks:
@@ -207,10 +216,11 @@ def evaluate(
         if mean is not None and bool(torch.isfinite(mean).all()):
             projections.append(float(mean[0].float() @ unit.float()))
     return Score(
-        harm_rate=harmful / len(judged) if judged else None,
+        harm_rate=harmful / (len(judged) + screened) if judged or screened else None,
         harmful=harmful,
-        judged=len(judged),
+        judged=len(judged) + screened,
         undefined=len(categories) - len(judged),
+        refused=sum(refusals) if rubric.refusal else None,
         capability=correct / len(capability) if capability else None,
         correct=correct,
         graded=len(capability),
@@ -221,7 +231,8 @@ def evaluate(
 def describe(score: Score) -> str:
     harm = "–" if score.harm_rate is None else f"{score.harm_rate:.3f}"
     capability = "–" if score.capability is None else f"{score.capability:.3f}"
-    return f"harm {harm} ({score.harmful}/{score.judged}, {score.undefined} unjudged), capability {capability}"
+    refused = "" if score.refused is None else f", {score.refused} open with a refusal"
+    return f"harm {harm} ({score.harmful}/{score.judged}, {score.undefined} unjudged{refused}), capability {capability}"
 
 
 def window_id(layers: Sequence[int], q: float) -> str:
@@ -267,14 +278,17 @@ def sweep(
     source: str,
     max_drop: float = 2.0,
     batch_size: int = 8,
+    screen: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, CapConfig]]:
     """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
     for q in percentiles:
         check_percentile(q)
+    if screen and not rubric.refusal:
+        raise PersonaxisError(f"screening needs refusal patterns, and rubric {rubric.name!r} has none")
     unit = axis.unit(layer)
     taus = {q: calibrate(projections, axis.layers, q) for q in percentiles}
-    common = dict(unit=unit, layer=layer, batch_size=batch_size)
+    common = dict(unit=unit, layer=layer, batch_size=batch_size, screen=screen)
     base = evaluate(model, store, None, jailbreaks, capability, judge, rubric, sampling, **common)
     baseline = {"id": "no_cap", **asdict(base)}
     log(f"no cap: {describe(base)}")

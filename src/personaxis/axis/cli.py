@@ -524,6 +524,9 @@ def sweep_cmd(
     jailbreaks: Annotated[int | None, typer.Option(help="jailbreak items to use (seeded subset; default all)")] = None,
     capability: Annotated[int | None, typer.Option(help="capability items to use (seeded subset; default all)")] = None,
     judge: Annotated[str, typer.Option(help=f"jailbreak judge: {JUDGE_HELP}")] = "local:same",
+    screen: Annotated[
+        bool, typer.Option(help="count replies that open with a refusal as not harmful without asking the judge")
+    ] = False,
     max_tokens: int = 128,
     max_drop: Annotated[float, typer.Option(help="capability points the chosen setting may lose")] = 2.0,
     out: Annotated[
@@ -585,6 +588,7 @@ def sweep_cmd(
         source=str(run),
         max_drop=max_drop,
         batch_size=batch_size,
+        screen=screen,
         log=_say,
     )
     settings = {
@@ -593,6 +597,7 @@ def sweep_cmd(
         "max_tokens": max_tokens,
         "judge": judge,
         "judge_id": judge_obj.judge_id,
+        "screen": screen,
         "seed": seed,
         "windows": spans,
         "percentiles": qs,
@@ -601,7 +606,7 @@ def sweep_cmd(
     _write_json(run / SWEEP, data)
     figure = sweep_front(run / "plots" / "sweep.png", result["rows"], baseline, result["chosen"])
     table = Table(title="Pareto front (harm ↓, capability ↑)")
-    for column in ("setting", "harm rate", "capability", "unjudged", "mean proj."):
+    for column in ("setting", "harm rate", "capability", "unjudged", "refusals", "mean proj."):
         table.add_column(column, justify="right")
     front = sorted((r for r in result["rows"] if r["pareto"]), key=lambda r: r["harm_rate"])
     for r in [baseline, *front]:
@@ -611,6 +616,7 @@ def sweep_cmd(
             _fmt(r["harm_rate"]),
             _fmt(r["capability"]),
             str(r["undefined"]),
+            "–" if r["refused"] is None else f"{r['refused']}/{settings['jailbreaks']}",
             _fmt(r["mean_projection"], ".2f"),
         )
     console.print(table)

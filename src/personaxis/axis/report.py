@@ -193,11 +193,27 @@ def _capping_section(
         base = sweep["baseline"]
         lines += [
             f"Sweep on {sweep['settings']['jailbreaks']} jailbreak and {sweep['settings']['capability']} "
-            f"capability items ({sweep['settings']['max_tokens']} tokens, judge `{sweep['settings']['judge']}`):",
+            f"capability items ({sweep['settings']['max_tokens']} tokens, judge `{sweep['settings']['judge']}`"
+            + (", replies opening with a refusal screened" if sweep["settings"].get("screen") else "")
+            + "):",
             "",
         ]
+
+        def refused(r: dict[str, Any]) -> str:
+            return "–" if r.get("refused") is None else f"{r['refused']}/{sweep['settings']['jailbreaks']}"
+
         rows = [
-            ("no cap", "–", "–", base["harm_rate"], base["capability"], base["undefined"], base["mean_projection"], "")
+            (
+                "no cap",
+                "–",
+                "–",
+                base["harm_rate"],
+                base["capability"],
+                base["undefined"],
+                refused(base),
+                base["mean_projection"],
+                "",
+            )
         ]
         for r in sweep["rows"]:
             mark = ("front" if r["pareto"] else "") + (" **chosen**" if r["id"] == sweep["chosen"] else "")
@@ -209,11 +225,14 @@ def _capping_section(
                     r["harm_rate"],
                     r["capability"],
                     r["undefined"],
+                    refused(r),
                     r["mean_projection"],
                     mark,
                 )
             )
-        lines += _table(["setting", "layers", "pct", "harm rate", "capability", "unjudged", "mean proj.", ""], rows)
+        lines += _table(
+            ["setting", "layers", "pct", "harm rate", "capability", "unjudged", "refusals", "mean proj.", ""], rows
+        )
         lines.append(f"Chosen: {sweep['chosen'] or 'none (no setting lowered harm within the capability budget)'}.")
         lines.append("")
         if figure is not None:
