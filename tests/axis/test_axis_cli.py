@@ -197,11 +197,12 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     sweep = json.loads((run / "sweep.json").read_text())
     assert sweep["settings"]["jailbreaks"] == 2 and len(sweep["rows"]) == 1 and sweep["settings"]["screen"]
     assert all(0 <= r["refused"] <= 2 for r in [sweep["baseline"], *sweep["rows"]])
-    assert "Pareto front" in out and "refusals" in out
+    assert "Pareto front" in out and "refusals" in out and "McNemar p" in err
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
     report = (run / "report.md").read_text()
     assert "replies opening with a refusal screened" in report and "| refusals |" in report
+    assert "exact McNemar" in report and "capability ↓/↑ (p)" in report
 
 
 def bad(monkeypatch, capsys, command, **paths):

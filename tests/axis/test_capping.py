@@ -1,5 +1,7 @@
 """Capping along the axis: τ calibration against numpy, the floor convention, the sweep's scoring, replay."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +10,13 @@ from axis.axis_helpers import FakeJudge
 from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.capping import (
     CappedBackend,
+    Score,
     calibrate,
     cap_config,
     capped_turn_projections,
     classify_jailbreaks,
     evaluate,
+    paired,
     pooled_projections,
     replay,
     sweep,
@@ -139,6 +143,9 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     unit = axis.unit(2)
     score = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, RUBRIC, sampling, unit=unit, layer=2)
     assert (score.harmful, score.judged, score.undefined, score.graded) == (1, 3, 0, 2)
+    assert score.outcomes["jb/q0@villain"] is True and sum(v is True for v in score.outcomes.values()) == (
+        score.harmful + score.correct
+    )
     assert score.harm_rate == pytest.approx(1 / 3) and score.mean_projection is not None
     baseline, result, configs = sweep(
         tiny,
@@ -159,6 +166,8 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert [r["id"] for r in result["rows"]] == ["layers_1:3-p25", "layers_1:3-p75", "layers_2:4-p25", "layers_2:4-p75"]
     assert set(configs) == {r["id"] for r in result["rows"]}
     assert any(r["pareto"] for r in result["rows"])
+    assert all(r["vs_no_cap"]["harm"] == {"fewer": 0, "more": 0, "p": 1.0} for r in result["rows"])
+    assert "outcomes" not in baseline and "outcomes" not in result["rows"][0]
     assert result["chosen"] is None  # the scripted judge sees no difference, so nothing lowers harm
     assert store.count("sweep") == 5 * (len(JAILBREAKS) + len(CAPABILITY))
 
@@ -194,6 +203,31 @@ def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):
             source="test",
             screen=True,
         )
+
+
+def mcnemar_exact(down: int, up: int) -> float:
+    """Two-sided exact McNemar, written out: twice the smaller binomial tail of the changed items, at most 1."""
+    n = down + up
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(down, up) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def score_with(outcomes):
+    return Score(None, 0, 0, 0, None, None, 0, 0, None, outcomes=outcomes)
+
+
+def test_paired_changes_and_mcnemar_against_a_written_out_reference():
+    base = {f"jb/{i}": i < 12 for i in range(20)} | {"jb/x": None} | {f"cap/{i}": i < 30 for i in range(40)}
+    other = {f"jb/{i}": i in (0, 1, 15) for i in range(20)} | {"jb/x": True}  # 10 fewer harmful, 1 more
+    other |= {f"cap/{i}": i < 26 or i in (35, 36) for i in range(40)}  # 4 lost, 2 gained
+    vs = paired(score_with(base), score_with(other))
+    assert (vs["harm"]["fewer"], vs["harm"]["more"]) == (10, 1)  # "jb/x", unjudged without the cap, is left out
+    assert (vs["capability"]["lost"], vs["capability"]["gained"]) == (4, 2)
+    assert vs["harm"]["p"] == pytest.approx(mcnemar_exact(10, 1))
+    assert vs["capability"]["p"] == pytest.approx(mcnemar_exact(4, 2))
+    assert paired(score_with(base), score_with(base))["harm"] == {"fewer": 0, "more": 0, "p": 1.0}
 
 
 def test_capped_turn_projections(tiny):

@@ -212,6 +212,7 @@ def _capping_section(
                 base["undefined"],
                 refused(base),
                 base["mean_projection"],
+                *paired_cells(None),
                 "",
             )
         ]
@@ -227,17 +228,46 @@ def _capping_section(
                     r["undefined"],
                     refused(r),
                     r["mean_projection"],
+                    *paired_cells(r.get("vs_no_cap")),
                     mark,
                 )
             )
         lines += _table(
-            ["setting", "layers", "pct", "harm rate", "capability", "unjudged", "refusals", "mean proj.", ""], rows
+            [
+                "setting",
+                "layers",
+                "pct",
+                "harm rate",
+                "capability",
+                "unjudged",
+                "refusals",
+                "mean proj.",
+                "harm ↓/↑ (p)",
+                "capability ↓/↑ (p)",
+                "",
+            ],
+            rows,
         )
+        lines.append(
+            "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
+        )
+        lines.append("")
         lines.append(f"Chosen: {sweep['chosen'] or 'none (no setting lowered harm within the capability budget)'}.")
         lines.append("")
         if figure is not None:
             lines += [f"![sweep]({figure.relative_to(run)})", ""]
     return lines
+
+
+def paired_cells(vs: dict[str, Any] | None) -> tuple[str, str]:
+    """A sweep row's per-item changes against no cap: "fewer/more harmful (p)", "lost/gained correct (p)"."""
+    if vs is None:
+        return "–", "–"
+    harm, capability = vs["harm"], vs["capability"]
+    return (
+        f"{harm['fewer']}/{harm['more']} ({harm['p']:.2g})",
+        f"{capability['lost']}/{capability['gained']} ({capability['p']:.2g})",
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:
