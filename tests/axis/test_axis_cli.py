@@ -188,7 +188,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
         monkeypatch,
         capsys,
         "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
-        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32 --screen",
+        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32 --screen --capability-tokens 3",
         m=folder,
         axis=run / "artifacts" / "axis.safetensors",
         run=run,
@@ -202,6 +202,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert code == 0, err
     report = (run / "report.md").read_text()
     assert "replies opening with a refusal screened" in report and "| refusals |" in report
+    assert "(2 tokens, 3 for capability, judge" in report
     assert "exact McNemar" in report and "capability ↓/↑ (p)" in report
 
 
@@ -226,6 +227,9 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
     )
     assert "needs a judge" in bad(
         monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --judge none", **paths
+    )
+    assert "--capability-tokens must be at least 1, got 0" in bad(
+        monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --capability-tokens 0", **paths
     )
     assert "was built for" in bad(
         monkeypatch, capsys, "cap calibrate -m another-model --axis {axis} --run {run}", **paths

@@ -205,6 +205,18 @@ def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):
         )
 
 
+def test_capability_items_can_have_their_own_reply_length(tiny, tmp_path):
+    store = RunStore(tmp_path)
+    judge = FakeJudge(lambda p: 1)
+    common = dict(unit=axis_of(tiny).unit(2), layer=2)
+    short, longer = Sampling(max_new_tokens=2), Sampling(max_new_tokens=6)
+    evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, RUBRIC, short, capability_sampling=longer, **common)
+    lengths = {r.data["id"]: r.data["n_tokens"] for _, r in store.items("sweep", tensors=False)}
+    assert len(lengths) == len(JAILBREAKS) + len(CAPABILITY)
+    assert all(n <= 2 for k, n in lengths.items() if k.startswith("jb/"))
+    assert max(n for k, n in lengths.items() if k.startswith("cap/")) > 2
+
+
 def mcnemar_exact(down: int, up: int) -> float:
     """Two-sided exact McNemar, written out: twice the smaller binomial tail of the changed items, at most 1."""
     n = down + up

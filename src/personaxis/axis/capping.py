@@ -213,12 +213,14 @@ def evaluate(
     layer: int,
     batch_size: int = 8,
     screen: bool = False,
+    capability_sampling: Sampling | None = None,
     progress: bool = False,
 ) -> Score:
     """Generate (or reuse) the replies under `cap`, judge the jailbreak replies and grade the capability ones.
 
     With `screen`, replies that open with a refusal (the rubric's patterns) count as judged and not harmful without
-    asking the judge: a weak judge can call "As Quill, I cannot provide..." harmful.
+    asking the judge: a weak judge can call "As Quill, I cannot provide..." harmful. `capability_sampling` (default:
+    `sampling`) lets worked answers run longer than the jailbreak replies the judge must read.
     """
     backend = CappedBackend(model, [layer], cap, batch_size=batch_size)
     plan = [
@@ -230,7 +232,8 @@ def evaluate(
         for item in jailbreaks
     ]
     plan += [
-        Rollout.make(f"cap/{item.id}", [{"role": "user", "content": item.prompt}], sampling) for item in capability
+        Rollout.make(f"cap/{item.id}", [{"role": "user", "content": item.prompt}], capability_sampling or sampling)
+        for item in capability
     ]
     records = run_rollouts(store, plan, backend, stage=SWEEP_STAGE, progress=progress)
     replies = [(item, records[f"jb/{item.id}"].data["text"]) for item in jailbreaks]
@@ -319,6 +322,7 @@ def sweep(
     max_drop: float = 2.0,
     batch_size: int = 8,
     screen: bool = False,
+    capability_sampling: Sampling | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, CapConfig]]:
     """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
@@ -328,7 +332,7 @@ def sweep(
         raise PersonaxisError(f"screening needs refusal patterns, and rubric {rubric.name!r} has none")
     unit = axis.unit(layer)
     taus = {q: calibrate(projections, axis.layers, q) for q in percentiles}
-    common = dict(unit=unit, layer=layer, batch_size=batch_size, screen=screen)
+    common = dict(unit=unit, layer=layer, batch_size=batch_size, screen=screen, capability_sampling=capability_sampling)
     base = evaluate(model, store, None, jailbreaks, capability, judge, rubric, sampling, **common)
     baseline = {"id": "no_cap", **base.summary()}
     log(f"no cap: {describe(base)}")

@@ -528,6 +528,10 @@ def sweep_cmd(
         bool, typer.Option(help="count replies that open with a refusal as not harmful without asking the judge")
     ] = False,
     max_tokens: int = 128,
+    capability_tokens: Annotated[
+        int | None,
+        typer.Option(help="reply length for capability items (default: --max-tokens); worked sums need room"),
+    ] = None,
     max_drop: Annotated[float, typer.Option(help="capability points the chosen setting may lose")] = 2.0,
     out: Annotated[
         Path | None, typer.Option(help="chosen config (default RUN/artifacts/cap_chosen.safetensors)")
@@ -552,7 +556,13 @@ def sweep_cmd(
 
     for q in qs:
         check_percentile(q)
-    for flag, value in (("jailbreaks", jailbreaks), ("capability", capability)):
+    counts = (
+        ("jailbreaks", jailbreaks),
+        ("capability", capability),
+        ("max-tokens", max_tokens),
+        ("capability-tokens", capability_tokens),
+    )
+    for flag, value in counts:
         if value is not None and value < 1:
             raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
     if judge.strip().lower() == "none":
@@ -567,6 +577,7 @@ def sweep_cmd(
     projections = pooled_projections(store, vectors, name=name)
     judge_obj = judge_from_spec(judge, cache=store, same=m)
     sampling = Sampling(max_new_tokens=max_tokens)
+    capability_sampling = None if capability_tokens is None else Sampling(max_new_tokens=capability_tokens)
     spans = sweep_windows(m.n_layers, sizes, positions)
     _say(
         f"{len(spans)} windows × {len(qs)} percentiles on {len(jb_items)} jailbreaks and {len(cap_items)} "
@@ -589,12 +600,14 @@ def sweep_cmd(
         max_drop=max_drop,
         batch_size=batch_size,
         screen=screen,
+        capability_sampling=capability_sampling,
         log=_say,
     )
     settings = {
         "jailbreaks": len(jb_items),
         "capability": len(cap_items),
         "max_tokens": max_tokens,
+        "capability_tokens": capability_tokens or max_tokens,
         "judge": judge,
         "judge_id": judge_obj.judge_id,
         "screen": screen,

@@ -191,11 +191,16 @@ def _capping_section(
         )
     if sweep:
         base = sweep["baseline"]
+        settings = sweep["settings"]
+        notes = [f"{settings['max_tokens']} tokens"]
+        if settings.get("capability_tokens", settings["max_tokens"]) != settings["max_tokens"]:
+            notes.append(f"{settings['capability_tokens']} for capability")
+        notes.append(f"judge `{settings['judge']}`")
+        if settings.get("screen"):
+            notes.append("replies opening with a refusal screened")
         lines += [
-            f"Sweep on {sweep['settings']['jailbreaks']} jailbreak and {sweep['settings']['capability']} "
-            f"capability items ({sweep['settings']['max_tokens']} tokens, judge `{sweep['settings']['judge']}`"
-            + (", replies opening with a refusal screened" if sweep["settings"].get("screen") else "")
-            + "):",
+            f"Sweep on {settings['jailbreaks']} jailbreak and {settings['capability']} capability items "
+            f"({', '.join(notes)}):",
             "",
         ]
 
