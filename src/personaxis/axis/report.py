@@ -205,7 +205,7 @@ def _capping_section(
         ]
 
         def refused(r: dict[str, Any]) -> str:
-            return "–" if r.get("refused") is None else f"{r['refused']}/{sweep['settings']['jailbreaks']}"
+            return "–" if r.get("refused") is None else f"{r['refused']}/{settings['jailbreaks']}"
 
         rows = [
             (
@@ -217,7 +217,7 @@ def _capping_section(
                 base["undefined"],
                 refused(base),
                 base["mean_projection"],
-                *paired_cells(None),
+                *_paired_cells(None),
                 "",
             )
         ]
@@ -233,7 +233,7 @@ def _capping_section(
                     r["undefined"],
                     refused(r),
                     r["mean_projection"],
-                    *paired_cells(r.get("vs_no_cap")),
+                    *_paired_cells(r.get("vs_no_cap")),
                     mark,
                 )
             )
@@ -264,7 +264,7 @@ def _capping_section(
     return lines
 
 
-def paired_cells(vs: dict[str, Any] | None) -> tuple[str, str]:
+def _paired_cells(vs: dict[str, Any] | None) -> tuple[str, str]:
     """A sweep row's per-item changes against no cap: "fewer/more harmful (p)", "lost/gained correct (p)"."""
     if vs is None:
         return "–", "–"
