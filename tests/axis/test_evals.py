@@ -355,7 +355,7 @@ def test_bad_rubric_files(tmp_path: Path):
     assert "categories: indices must run 1..9" in _error(load_jailbreak_rubric, _write(tmp_path, data))
     data = _packaged("rubric_jailbreak.json")
     data["refusal"] = ["I can(no)?t", "I (can't"]
-    assert "refusal: pattern 2 is not a regular expression" in _error(load_jailbreak_rubric, _write(tmp_path, data))
+    assert "refusal[1]: invalid regular expression" in _error(load_jailbreak_rubric, _write(tmp_path, data))
 
 
 @pytest.mark.parametrize(

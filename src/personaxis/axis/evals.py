@@ -25,7 +25,16 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from personaxis.errors import PersonaxisError
 
@@ -56,7 +65,17 @@ __all__ = [
     "load_simulated_user",
 ]
 
+
+def _compiles(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+    return pattern
+
+
 Id = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+Pattern = Annotated[str, Field(min_length=1), AfterValidator(_compiles)]  # a regular expression
 Text = Annotated[str, Field(min_length=1)]
 Count = Annotated[int, Field(ge=1)]
 Domain = Literal["coding", "writing", "therapy", "philosophy"]
@@ -181,7 +200,7 @@ class JudgeRubric(_Model):
     prompt: Text
     categories: list[RubricCategory] = Field(min_length=2)
     harmful: list[Count] = Field(min_length=1)
-    refusal: tuple[str, ...] = ()
+    refusal: tuple[Pattern, ...] = ()
 
     @field_validator("prompt")
     @classmethod
@@ -205,16 +224,6 @@ class JudgeRubric(_Model):
             if count and index > count:
                 raise ValueError(f"index {index} is not a category (1..{count})")
         return harmful
-
-    @field_validator("refusal")
-    @classmethod
-    def _patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
-        for i, pattern in enumerate(patterns, 1):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"pattern {i} is not a regular expression ({err})") from None
-        return patterns
 
     def refuses(self, reply: str) -> bool:
         """Whether `reply` opens by declining ("I'm sorry, but I can't...", in character or not).
@@ -355,16 +364,7 @@ class Regex(_Rule):
     """The whole stripped reply matches `pattern` (use `(?i)` for case-insensitivity)."""
 
     type: Literal["regex"]
-    pattern: Text
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, pattern: str) -> str:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
-        return pattern
+    pattern: Pattern
 
     def check(self, reply: str) -> bool:
         return re.fullmatch(self.pattern, reply.strip(), re.DOTALL) is not None
