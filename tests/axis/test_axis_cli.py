@@ -225,6 +225,9 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
     assert "--max-turns must be at least 1" in bad(
         monkeypatch, capsys, "drift -m {m} --axis {axis} --max-turns 0", **paths
     )
+    assert "--alpha must be above 0 and at most 1, got 0" in bad(
+        monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --alpha 0", **paths
+    )
     assert "needs a judge" in bad(
         monkeypatch, capsys, "cap sweep -m {m} --axis {axis} --run {run} --judge none", **paths
     )

@@ -192,6 +192,10 @@ def test_front_counts_no_cap_as_a_contender():
     assert baseline["pareto"] and [r["pareto"] for r in rows] == [False, True, True, False]
 
 
+def vs(fewer: int, more: int, p: float) -> dict:
+    return {"harm": {"fewer": fewer, "more": more, "p": p}}
+
+
 def test_choose_the_least_harmful_front_point_within_the_capability_budget():
     baseline = {"harm_rate": 0.6, "capability": 0.80}
     rows = [
@@ -200,10 +204,26 @@ def test_choose_the_least_harmful_front_point_within_the_capability_budget():
         {"id": "c", "layers": [1, 2], "harm_rate": 0.3, "capability": 0.79, "pareto": True},  # same, fewer layers
         {"id": "d", "layers": [1], "harm_rate": 0.5, "capability": 0.81, "pareto": True},
     ]
+    for r in rows:
+        r["vs_no_cap"] = vs(30, 2, 1e-6)
     assert choose(rows, baseline, max_drop=2.0) == "c"
     assert choose(rows, baseline, max_drop=20.0) == "a"
     assert choose(rows, {"harm_rate": 0.05, "capability": 0.8}, max_drop=2.0) is None
     assert choose(rows, {"harm_rate": None, "capability": 0.8}, max_drop=2.0) is None
+
+
+def test_choose_only_a_cut_beyond_chance_item_by_item():
+    baseline = {"harm_rate": 0.11, "capability": 0.58}
+    noise = {"id": "noise", "layers": [1], "harm_rate": 0.10, "capability": 0.58, "pareto": True}
+    noise["vs_no_cap"] = vs(14, 13, 1.0)  # one reply fewer in all
+    real = {"id": "real", "layers": [1, 2], "harm_rate": 0.06, "capability": 0.575, "pareto": True}
+    real["vs_no_cap"] = vs(21, 9, 0.043)
+    assert choose([noise], baseline, max_drop=2.0) is None
+    assert choose([noise], baseline, max_drop=2.0, alpha=1.0) == "noise"  # the test waived
+    assert choose([noise, real], baseline, max_drop=2.0) == "real"
+    assert choose([noise, real], baseline, max_drop=2.0, alpha=0.01) is None
+    real["vs_no_cap"] = vs(9, 21, 0.043)  # significant, but toward more harm
+    assert choose([real], baseline, max_drop=2.0) is None
 
 
 def test_windows_sit_in_the_upper_middle():

@@ -292,13 +292,30 @@ def mark_front(baseline: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None
         point["pareto"] = i in front
 
 
-def choose(rows: Sequence[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> str | None:
-    """The front point with the lowest harm among those losing at most `max_drop` points of capability (ties: more
-    capability, then fewer layers); None when no setting lowers harm within that budget."""
+def check_alpha(alpha: float) -> None:
+    if not 0 < alpha <= 1:
+        raise PersonaxisError(f"--alpha must be above 0 and at most 1, got {alpha:g}")
+
+
+def choose(
+    rows: Sequence[dict[str, Any]], baseline: dict[str, Any], max_drop: float, alpha: float = 0.05
+) -> str | None:
+    """The front point with the lowest harm among those losing at most `max_drop` points of capability and lowering
+    harm item by item beyond chance (McNemar p < `alpha`; 1 waives the test), ties to more capability, then fewer
+    layers; None when no setting qualifies. Without the test, one reply fewer can pick a cap that does nothing."""
     if baseline["harm_rate"] is None or baseline["capability"] is None:
         return None
     floor = baseline["capability"] - max_drop / 100 - 1e-12
-    allowed = [r for r in rows if r["pareto"] and r["capability"] >= floor and r["harm_rate"] < baseline["harm_rate"]]
+
+    def beyond_chance(r: dict[str, Any]) -> bool:
+        harm = r["vs_no_cap"]["harm"]
+        return alpha >= 1 or (harm["fewer"] > harm["more"] and harm["p"] < alpha)
+
+    allowed = [
+        r
+        for r in rows
+        if r["pareto"] and r["capability"] >= floor and r["harm_rate"] < baseline["harm_rate"] and beyond_chance(r)
+    ]
     if not allowed:
         return None
     return min(allowed, key=lambda r: (r["harm_rate"], -r["capability"], len(r["layers"])))["id"]
@@ -320,6 +337,7 @@ def sweep(
     layer: int,
     source: str,
     max_drop: float = 2.0,
+    alpha: float = 0.05,
     batch_size: int = 8,
     screen: bool = False,
     capability_sampling: Sampling | None = None,
@@ -328,6 +346,7 @@ def sweep(
     """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
     for q in percentiles:
         check_percentile(q)
+    check_alpha(alpha)
     if screen and not rubric.refusal:
         raise PersonaxisError(f"screening needs refusal patterns, and rubric {rubric.name!r} has none")
     unit = axis.unit(layer)
@@ -351,8 +370,9 @@ def sweep(
                 f"{vs['capability']['gained']} gained correct (p {vs['capability']['p']:.2g})"
             )
     mark_front(baseline, rows)
-    chosen = choose(rows, baseline, max_drop)
-    return baseline, {"rows": rows, "chosen": chosen, "max_capability_drop_points": max_drop}, configs
+    chosen = choose(rows, baseline, max_drop, alpha)
+    result = {"rows": rows, "chosen": chosen, "max_capability_drop_points": max_drop, "harm_test_alpha": alpha}
+    return baseline, result, configs
 
 
 # --- replay -------------------------------------------------------------------------------------------------------

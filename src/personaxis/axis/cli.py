@@ -240,7 +240,7 @@ def stability_cmd(
     figure = plots.role_count_stability(run_dir / "plots" / "stability.png", result)
     table = Table(title=f"persona space from subsets of the {len(names)} roles, layer {layer}")
     for column in ("roles", "subsets", "|cos(PC1, axis)| mean ± sd", "5–95%", "PC1 share mean ± sd"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     for r in rows:
         table.add_row(
             str(r["roles"]),
@@ -274,7 +274,7 @@ def compare_cmd(
     a, b = result["builds"]
     table = Table(title=f"{a['model']} (layer {a['layer']}) against {b['model']} (layer {b['layer']})")
     for column in ("roles by", "shared roles", "Pearson r", "p", "Spearman ρ", "p"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     for measure in MEASURES:
         r = result[measure]
         table.add_row(
@@ -404,7 +404,7 @@ def drift_cmd(
     figure = drift_trajectories(run / "plots" / "drift.png", data["conversations"], layer)
     table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
     for column in ("domain", "conversations", "turns", "mean projection", "slope / turn", "speaks as an AI"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     for d, s in stats["domains"].items():
         slope = "–" if s["slope_per_turn"] is None else f"{s['slope_per_turn']:+.3f}"
         share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
@@ -533,6 +533,9 @@ def sweep_cmd(
         typer.Option(help="reply length for capability items (default: --max-tokens); worked sums need room"),
     ] = None,
     max_drop: Annotated[float, typer.Option(help="capability points the chosen setting may lose")] = 2.0,
+    alpha: Annotated[
+        float, typer.Option(help="the chosen setting's item-by-item harm cut needs McNemar p below this (1: no test)")
+    ] = 0.05,
     out: Annotated[
         Path | None, typer.Option(help="chosen config (default RUN/artifacts/cap_chosen.safetensors)")
     ] = None,
@@ -542,7 +545,7 @@ def sweep_cmd(
     device: DeviceOpt = None,
 ):
     """Score layer windows × τ percentiles on persona jailbreaks and capability; keep the best of the Pareto front."""
-    from personaxis.axis.capping import pooled_projections, sweep, sweep_windows
+    from personaxis.axis.capping import check_alpha, pooled_projections, sweep, sweep_windows
     from personaxis.axis.evals import load_capability, load_jailbreak_rubric, load_jailbreaks
     from personaxis.axis.library import select
     from personaxis.axis.plots import sweep_front
@@ -556,6 +559,7 @@ def sweep_cmd(
 
     for q in qs:
         check_percentile(q)
+    check_alpha(alpha)
     counts = (
         ("jailbreaks", jailbreaks),
         ("capability", capability),
@@ -598,6 +602,7 @@ def sweep_cmd(
         layer=target,
         source=str(run),
         max_drop=max_drop,
+        alpha=alpha,
         batch_size=batch_size,
         screen=screen,
         capability_sampling=capability_sampling,
@@ -620,7 +625,7 @@ def sweep_cmd(
     figure = sweep_front(run / "plots" / "sweep.png", result["rows"], baseline, result["chosen"])
     table = Table(title="Pareto front (harm ↓, capability ↑)")
     for column in ("setting", "harm rate", "capability", "unjudged", "refusals", "mean proj."):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     front = sorted((r for r in result["rows"] if r["pareto"]), key=lambda r: r["harm_rate"])
     for r in [baseline, *front]:
         mark = " ★" if r["id"] == result["chosen"] else ""
@@ -634,7 +639,9 @@ def sweep_cmd(
         )
     console.print(table)
     if result["chosen"] is None:
-        console.print(f"no setting lowered harm within {max_drop:g} capability points; no config written")
+        console.print(
+            f"no setting lowered harm (McNemar p < {alpha:g}) within {max_drop:g} capability points; no config written"
+        )
     else:
         out = out or run / "artifacts" / "cap_chosen.safetensors"
         configs[result["chosen"]].save(out)
@@ -682,7 +689,7 @@ def replay_cmd(
     figure = replay_plot(out.with_suffix(".png"), results, layer)
     table = Table(title=f"Projection on the axis at layer {layer} per assistant turn")
     for column in ("chat", "turn", "uncapped", "capped"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "setting")
     for r in results:
         for t, (a, b) in enumerate(zip(r["uncapped"], r["capped"], strict=True), 1):
             table.add_row(str(r["chat"]), str(t), "–" if a is None else f"{a:.3f}", "–" if b is None else f"{b:.3f}")

@@ -257,7 +257,9 @@ def _capping_section(
             "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
         )
         lines.append("")
-        lines.append(f"Chosen: {sweep['chosen'] or 'none (no setting lowered harm within the capability budget)'}.")
+        test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
+        none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
+        lines.append(f"Chosen: {sweep['chosen'] or none}.")
         lines.append("")
         if figure is not None:
             lines += [f"![sweep]({figure.relative_to(run)})", ""]
