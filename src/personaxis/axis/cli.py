@@ -240,7 +240,7 @@ def stability_cmd(
     figure = plots.role_count_stability(run_dir / "plots" / "stability.png", result)
     table = Table(title=f"persona space from subsets of the {len(names)} roles, layer {layer}")
     for column in ("roles", "subsets", "|cos(PC1, axis)| mean ± sd", "5–95%", "PC1 share mean ± sd"):
-        table.add_column(column, justify="right", no_wrap=column == "setting")
+        table.add_column(column, justify="right")
     for r in rows:
         table.add_row(
             str(r["roles"]),
@@ -274,7 +274,7 @@ def compare_cmd(
     a, b = result["builds"]
     table = Table(title=f"{a['model']} (layer {a['layer']}) against {b['model']} (layer {b['layer']})")
     for column in ("roles by", "shared roles", "Pearson r", "p", "Spearman ρ", "p"):
-        table.add_column(column, justify="right", no_wrap=column == "setting")
+        table.add_column(column, justify="right")
     for measure in MEASURES:
         r = result[measure]
         table.add_row(
@@ -404,7 +404,7 @@ def drift_cmd(
     figure = drift_trajectories(run / "plots" / "drift.png", data["conversations"], layer)
     table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
     for column in ("domain", "conversations", "turns", "mean projection", "slope / turn", "speaks as an AI"):
-        table.add_column(column, justify="right", no_wrap=column == "setting")
+        table.add_column(column, justify="right")
     for d, s in stats["domains"].items():
         slope = "–" if s["slope_per_turn"] is None else f"{s['slope_per_turn']:+.3f}"
         share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
@@ -689,7 +689,7 @@ def replay_cmd(
     figure = replay_plot(out.with_suffix(".png"), results, layer)
     table = Table(title=f"Projection on the axis at layer {layer} per assistant turn")
     for column in ("chat", "turn", "uncapped", "capped"):
-        table.add_column(column, justify="right", no_wrap=column == "setting")
+        table.add_column(column, justify="right")
     for r in results:
         for t, (a, b) in enumerate(zip(r["uncapped"], r["capped"], strict=True), 1):
             table.add_row(str(r["chat"]), str(t), "–" if a is None else f"{a:.3f}", "–" if b is None else f"{b:.3f}")
