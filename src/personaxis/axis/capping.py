@@ -341,6 +341,7 @@ def sweep(
     batch_size: int = 8,
     screen: bool = False,
     capability_sampling: Sampling | None = None,
+    progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, CapConfig]]:
     """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
@@ -351,7 +352,14 @@ def sweep(
         raise PersonaxisError(f"screening needs refusal patterns, and rubric {rubric.name!r} has none")
     unit = axis.unit(layer)
     taus = {q: calibrate(projections, axis.layers, q) for q in percentiles}
-    common = dict(unit=unit, layer=layer, batch_size=batch_size, screen=screen, capability_sampling=capability_sampling)
+    common = dict(
+        unit=unit,
+        layer=layer,
+        batch_size=batch_size,
+        screen=screen,
+        capability_sampling=capability_sampling,
+        progress=progress,
+    )
     base = evaluate(model, store, None, jailbreaks, capability, judge, rubric, sampling, **common)
     baseline = {"id": "no_cap", **base.summary()}
     log(f"no cap: {describe(base)}")
