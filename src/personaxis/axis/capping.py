@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -352,7 +353,15 @@ def sweep(
         raise PersonaxisError(f"screening needs refusal patterns, and rubric {rubric.name!r} has none")
     unit = axis.unit(layer)
     taus = {q: calibrate(projections, axis.layers, q) for q in percentiles}
-    common = dict(
+    score_under = partial(
+        evaluate,
+        model,
+        store,
+        jailbreaks=jailbreaks,
+        capability=capability,
+        judge=judge,
+        rubric=rubric,
+        sampling=sampling,
         unit=unit,
         layer=layer,
         batch_size=batch_size,
@@ -360,7 +369,7 @@ def sweep(
         capability_sampling=capability_sampling,
         progress=progress,
     )
-    base = evaluate(model, store, None, jailbreaks, capability, judge, rubric, sampling, **common)
+    base = score_under(None)
     baseline = {"id": "no_cap", **base.summary()}
     log(f"no cap: {describe(base)}")
     rows, configs = [], {}
@@ -369,7 +378,7 @@ def sweep(
             config = cap_config(axis, taus[q], window, q, source)
             wid = window_id(window, q)
             configs[wid] = config
-            score = evaluate(model, store, config, jailbreaks, capability, judge, rubric, sampling, **common)
+            score = score_under(config)
             vs = paired(base, score)
             rows.append({"id": wid, "layers": list(window), "percentile": q, **score.summary(), "vs_no_cap": vs})
             log(
