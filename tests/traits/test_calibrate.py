@@ -1,11 +1,14 @@
 """Calibration: the choice rule, the sweep (steered, stored, resumable), and steering with the stored choice."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import personaxis.runs
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, generate
+from personaxis.stats import rise_p
 from personaxis.store import RunStore
 from personaxis.traits.calibrate import (
     CalibrateSettings,
@@ -20,8 +23,9 @@ from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_tr
 from personaxis.traits.steer import SteeredBackend, trait_steer_op, trait_steering
 
 
-def cell(layer, coef, trait, coherence):
-    return Cell(layer, coef, trait, coherence, 5, 5, 5)
+def cell(layer, coef, trait, coherence, p=0.01):
+    """A sweep cell of 5 replies; steered cells rise question by question (p = 0.01) unless told otherwise."""
+    return Cell(layer, coef, trait, coherence, 5, 5, 5, p=None if layer is None else p)
 
 
 GRID = [
@@ -42,8 +46,21 @@ def test_choice_is_the_strongest_coherent_effect():
     assert choose([cell(None, 0.0, 50, 90), cell(4, 0.2, 50, 90), cell(4, 0.4, 49, 90)], 50) is None  # no gain
 
 
+def test_choice_needs_a_rise_beyond_chance_question_by_question():
+    grid = [cell(None, 0.0, 50, 90), cell(4, 0.4, 70, 80, p=0.09), cell(8, 0.2, 58, 85, p=0.03), cell(8, 0.4, 66, 80)]
+    assert (choose(grid, 50).layer, choose(grid, 50).coef) == (8, 0.4)
+    assert (choose(grid, 50, alpha=0.02).layer, choose(grid, 50, alpha=0.02).coef) == (8, 0.4)
+    assert choose(grid, 50, alpha=0.005) is None  # no cell's rise holds at that level
+    assert (choose(grid, 50, alpha=1.0).layer, choose(grid, 50, alpha=1.0).coef) == (4, 0.4)  # the test waived
+    older = [cell(None, 0.0, 50, 90), cell(4, 0.4, 70, 80, p=None)]  # a calibration from before the test
+    assert choose(older, 50) is None and choose(older, 50, alpha=1.0).layer == 4
+    with pytest.raises(PersonaxisError, match="--alpha must be above 0"):
+        CalibrateSettings(alpha=0)
+
+
 def test_choice_skips_looping_replies():
-    grid = [cell(4, 0.2, 60, 80), Cell(4, 0.4, 75, 70, 5, 5, 5, repetition=0.8), Cell(8, 0.4, 65, 75, 5, 5, 5, 0.1)]
+    looping = Cell(4, 0.4, 75, 70, 5, 5, 5, repetition=0.8, p=0.01)
+    grid = [cell(4, 0.2, 60, 80), looping, Cell(8, 0.4, 65, 75, 5, 5, 5, 0.1, 0.01)]
     assert (choose(grid, 50).layer, choose(grid, 50).coef) == (4, 0.4)  # no limit by default
     assert (choose(grid, 50, repetition_max=0.5).layer, choose(grid, 50, repetition_max=0.5).coef) == (8, 0.4)
     assert choose(grid[1:2], 50, repetition_max=0.5) is None
@@ -110,7 +127,7 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
     original = personaxis.runs.generate_batch
     monkeypatch.setattr(personaxis.runs, "generate_batch", lambda *a, **k: generated.append(1) or original(*a, **k))
     store = RunStore(tmp_path / "run")
-    settings = CalibrateSettings(coefs=(-2.0, 0.0, 2.0, 4.0), questions=2, max_new_tokens=5, coherence_min=0)
+    settings = CalibrateSettings(coefs=(-2.0, 0.0, 2.0, 4.0), questions=2, max_new_tokens=5, coherence_min=0, alpha=1)
     result = calibrate(tiny, small_trait, v, hash_judge(cache=store), store, [1, 2], settings, progress=False)
     assert len(result["cells"]) == 1 + 2 * 3 and len(result["samples"]) == 7 * 2
     assert result["settings"]["coefs"] == [-2.0, 0.0, 2.0, 4.0]
@@ -120,6 +137,11 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
     for c in result["cells"]:
         mine = [s["repetition"] for s in result["samples"] if (s["layer"], s["coef"]) == (c["layer"], c["coef"])]
         assert c["repetition"] == pytest.approx(sum(mine) / len(mine))
+        if c["layer"] is not None:  # each reply against the unsteered reply to the same question
+            score = {(s["layer"], s["coef"], s["question"]): s["trait"] for s in result["samples"]}
+            steered = [score[c["layer"], c["coef"], q] for q in range(2)]
+            assert c["p"] == pytest.approx(rise_p(steered, [score[None, 0.0, q] for q in range(2)]))
+    assert result["baseline"]["p"] is None
     choice = result["choice"]
     best = max((c for c in result["cells"] if c["coef"] > 0), key=lambda c: (c["trait"], -c["coef"]))
     assert (choice["layer"], choice["coef"]) == (best["layer"], best["coef"])
@@ -128,9 +150,10 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
 
     judge = hash_judge(cache=store)
     before = len(generated)
-    again = calibrate(tiny, small_trait, v, judge, store, [1, 2], settings, progress=False)
+    tested = dataclasses.replace(settings, alpha=0.05)  # 2 questions: no cell can rise beyond chance (p ≥ 1/4)
+    again = calibrate(tiny, small_trait, v, judge, store, [1, 2], tested, progress=False)
     assert len(generated) == before and judge.asked == 0
-    assert again["cells"] == result["cells"]
+    assert again["cells"] == result["cells"] and again["choice"] is None
 
 
 def test_steered_backend_keys_differ_from_plain(tiny, vectors):

@@ -20,7 +20,8 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
     vectors = run / files.VECTORS
 
     code, out, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, "--layers", "1,2",
-                         "--coefs", "-1,0,0.5,1,2,4", "--questions", "2", "--coherence-min", "0")  # fmt: skip
+                         "--coefs", "-1,0,0.5,1,2,4", "--questions", "2", "--coherence-min", "0",
+                         "--alpha", "1")  # fmt: skip
     assert code == 0, err
     assert "chose layer" in out and (run / files.CALIBRATION_PLOT).stat().st_size > 1000
     choice = Vectors.load(vectors).meta.extra["calibration"]["choice"]
@@ -58,6 +59,18 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
                          "--coherence-min", "101")  # fmt: skip
     assert code == 0 and "nothing chosen" in err, err
     assert Vectors.load(vectors).meta.extra["calibration"]["choice"] is None
+    # the default per-question test: 2 questions never reach p < 0.05
+    code, _, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, *strict, "--coherence-min", "0")
+    assert code == 0 and "nothing chosen" in err and "question by question (p < 0.05)" in " ".join(err.split()), err
+    tested = json.loads((tmp_path / "strict" / files.CALIBRATION).read_text())  # the report names the cells
+    (run / files.CALIBRATION).write_text(json.dumps(tested))  # that beat the baseline only on average
+    assert cli("trait", "report", run)[0] == 0
+    report = (run / files.REPORT).read_text()
+    assert "per-question rise test at p < 0.05" in report and "no choice was stored" in report
+    best = max((c for c in tested["cells"] if c["coef"] > 0), key=lambda c: c["trait"])
+    assert f"layer {best['layer']} c={best['coef']:g} (p = {best['p']:.2g})" in report.split("on average but not")[1]
+    code, _, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, *strict, "--alpha", "0")
+    assert code == 2 and "--alpha must be above 0" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("trait", "calibrate", trait_file, *common, "--vectors", vectors, *strict,
                        "--repetition-max", "2")  # fmt: skip
     assert code == 2 and "repetition limit must lie in 0-1" in err and len(err.strip().splitlines()) == 1

@@ -29,7 +29,7 @@ def test_trait_loop_on_the_default_model(tmp_path):
     assert vectors.names == ["evil", "evil.last_prompt", "evil.prompt"]
     assert result.stats["pairs"] == 1 and vectors.meta.counts["kept"] >= 1
 
-    cal = CalibrateSettings(coefs=(0.0, 0.3), questions=1, max_new_tokens=8, coherence_min=0)
+    cal = CalibrateSettings(coefs=(0.0, 0.3), questions=1, max_new_tokens=8, coherence_min=0, alpha=1)
     calibration = calibrate(model, trait, vectors, judge, store, [15], cal, progress=False)
     assert calibration["choice"]["layer"] == 15 and calibration["choice"]["coef"] == 0.3
     vectors.meta.extra["calibration"] = calibration

@@ -29,6 +29,7 @@ from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.stats import check_alpha
 from personaxis.steering import cap_op
 from personaxis.store import RunStore, key
 from personaxis.vectors import CapConfig, Vectors
@@ -291,11 +292,6 @@ def mark_front(baseline: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None
     front = {scored[j] for j in pareto_front([(points[i]["harm_rate"], points[i]["capability"]) for i in scored])}
     for i, point in enumerate(points):
         point["pareto"] = i in front
-
-
-def check_alpha(alpha: float) -> None:
-    if not 0 < alpha <= 1:
-        raise PersonaxisError(f"--alpha must be above 0 and at most 1, got {alpha:g}")
 
 
 def choose(

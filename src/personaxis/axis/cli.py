@@ -545,13 +545,14 @@ def sweep_cmd(
     device: DeviceOpt = None,
 ):
     """Score layer windows × τ percentiles on persona jailbreaks and capability; keep the best of the Pareto front."""
-    from personaxis.axis.capping import check_alpha, pooled_projections, sweep, sweep_windows
+    from personaxis.axis.capping import pooled_projections, sweep, sweep_windows
     from personaxis.axis.evals import load_capability, load_jailbreak_rubric, load_jailbreaks
     from personaxis.axis.library import select
     from personaxis.axis.plots import sweep_front
     from personaxis.axis.report import SWEEP
     from personaxis.generate import Sampling
     from personaxis.judge.spec import judge_from_spec
+    from personaxis.stats import check_alpha
 
     sizes = _numbers(windows, "windows", int)
     qs = _numbers(percentiles, "percentiles")

@@ -4,9 +4,13 @@ The sweep steers the reply to each held-out evaluation question (no system promp
 c · mean_norm_i · v̂_i at one layer i at a time, for every strength c in a grid that includes 0 (the unsteered
 baseline, shared by all layers) and negative values (suppression). The judge scores each reply for the trait and for
 coherence. The choice is the (layer, c > 0) cell with the highest mean trait score among the cells whose mean
-coherence stays at or above `coherence_min` and that beat the baseline: the largest trait effect that still reads as
-language (none, if no such cell raises the score). The strength is in relative units, so it transfers between layers
-whose residual norms differ by an order of magnitude.
+coherence stays at or above `coherence_min` and that beat the baseline question by question: the largest trait
+effect that still reads as language (none, if no such cell raises the score). "Question by question" is a one-sided
+sign-flip test of the cell's scores against the unsteered replies to the same questions (p < `alpha`): picking the
+best of some forty cells of five replies each otherwise picks a cell whose lead over the baseline is one lucky reply.
+With the default 5 questions the test passes only when every question's score rose; more questions test finer.
+The strength is in relative units, so it transfers between layers whose residual norms differ by an order of
+magnitude.
 
 Small local judges score a reply stuck in a loop ("to do, to do, to do, ...") as fairly coherent, and over-steered
 replies loop long before they stop being words. So each reply also gets a judge-free `repetition` (the share of its
@@ -31,12 +35,12 @@ from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
 from personaxis.progress import progress_bar
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.stats import check_alpha, rise_p, spearman
 from personaxis.steering import steer_op
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
 from personaxis.traits.judging import judge_replies
 from personaxis.traits.library import TraitSpec
-from personaxis.traits.stats import spearman
 from personaxis.traits.steer import SteeredBackend, primary
 from personaxis.vectors import Vectors
 
@@ -58,6 +62,7 @@ class CalibrateSettings:
     batch_size: int = 8
     coherence_min: float = 50.0
     repetition_max: float = 0.5  # 1.0: no limit
+    alpha: float = 0.05  # the choice's per-question rise must have p below this (1.0: no test)
     units: str = "relative"
 
     def __post_init__(self) -> None:
@@ -67,6 +72,7 @@ class CalibrateSettings:
             raise PersonaxisError("questions, samples and batch size must be at least 1")
         if not 0.0 <= self.repetition_max <= 1.0:
             raise PersonaxisError(f"the repetition limit must lie in 0-1, got {self.repetition_max:g}")
+        check_alpha(self.alpha)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Cell:
     n_trait: int  # replies with a defined trait score
     n_coherence: int
     repetition: float | None = None  # mean share of repeated 10-character windows (None in older calibrations)
+    p: float | None = None  # one-sided p that the trait rose over the baseline question by question (None: baseline)
 
 
 def default_layers(n_layers: int, count: int = 5) -> list[int]:
@@ -98,10 +105,12 @@ def repetition(text: str, width: int = 10) -> float:
     return 1.0 - len(set(windows)) / len(windows) if windows else 0.0
 
 
-def choose(cells: Sequence[Cell], coherence_min: float, repetition_max: float = 1.0) -> Cell | None:
+def choose(
+    cells: Sequence[Cell], coherence_min: float, repetition_max: float = 1.0, alpha: float = 0.05
+) -> Cell | None:
     """The steered cell (c > 0) with the highest mean trait score whose mean coherence is ≥ `coherence_min` and
-    whose mean repetition is ≤ `repetition_max`, provided it scores above the unsteered baseline: a setting that
-    does not raise the trait is no choice.
+    whose mean repetition is ≤ `repetition_max`, provided it scores above the unsteered baseline, question by
+    question beyond chance (p < `alpha`; 1 waives the test): a setting that does not raise the trait is no choice.
 
     Ties go to the smaller strength (less damage for the same effect), then to the earlier layer.
     """
@@ -111,6 +120,7 @@ def choose(cells: Sequence[Cell], coherence_min: float, repetition_max: float = 
         if c.layer is not None and c.coef > 0 and c.trait is not None and c.trait > baseline
         and c.coherence is not None and c.coherence >= coherence_min
         and (c.repetition is None or c.repetition <= repetition_max)
+        and (alpha >= 1 or (c.p is not None and c.p < alpha))
     ]  # fmt: skip
     if not eligible:
         return None
@@ -177,8 +187,8 @@ def calibrate(
             for r in rollouts:
                 q = int(r.id.split("/")[0][1:])
                 text = records[r.id].data["text"]
-                rows.append({"layer": layer, "coef": coef, "question": q, "question_text": questions[q], "text": text,
-                             "repetition": repetition(text)})  # fmt: skip
+                rows.append({"layer": layer, "coef": coef, "question": q, "sample": int(r.id.split("/s")[1]),
+                             "question_text": questions[q], "text": text, "repetition": repetition(text)})  # fmt: skip
             bar.advance(task)
 
     judged, counts = judge_replies(
@@ -187,20 +197,24 @@ def calibrate(
     )  # fmt: skip
     for row, j in zip(rows, judged, strict=True):
         row.update(j.as_dict())
+    unsteered = {(r["question"], r["sample"]): r["trait"] for r in rows if r["layer"] is None}
     cells = []
     for layer, coef in groups:
         mine = [r for r in rows if r["layer"] == layer and r["coef"] == coef]
         traits = [r["trait"] for r in mine if r["trait"] is not None]
         coherences = [r["coherence"] for r in mine if r["coherence"] is not None]
+        pairs = [(r["trait"], unsteered[r["question"], r["sample"]]) for r in mine]
+        pairs = [(t, u) for t, u in pairs if t is not None and u is not None]
+        p = None if layer is None else rise_p([t for t, _ in pairs], [u for _, u in pairs])
         cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences),
-                          _mean([r["repetition"] for r in mine])))  # fmt: skip
-    best = choose(cells, settings.coherence_min, settings.repetition_max)
+                          _mean([r["repetition"] for r in mine]), p))  # fmt: skip
+    best = choose(cells, settings.coherence_min, settings.repetition_max, settings.alpha)
     baseline = cells[0]
     choice = None
     if best is not None:
         choice = {
             "layer": best.layer, "coef": best.coef, "units": settings.units, "trait": best.trait,
-            "coherence": best.coherence, "repetition": best.repetition,
+            "coherence": best.coherence, "repetition": best.repetition, "p": best.p,
             "effect": None if baseline.trait is None else best.trait - baseline.trait,
         }  # fmt: skip
     return {

@@ -181,6 +181,9 @@ def calibrate(
     repetition_max: Annotated[
         float, typer.Option(help="never choose a setting whose replies repeat more than this share of themselves (0-1)")
     ] = 0.5,
+    alpha: Annotated[
+        float, typer.Option(help="the chosen setting's per-question rise needs sign-flip p below this (1: no test)")
+    ] = 0.05,
     batch_size: int = 8,
     run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
     any_counts: AnyCountsOpt = False,
@@ -199,7 +202,7 @@ def calibrate(
     settings = cal.CalibrateSettings(
         coefs=_floats(coefs, "--coefs") if coefs else cal.DEFAULT_COEFS, questions=questions, samples=samples,
         max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min,
-        repetition_max=repetition_max, batch_size=batch_size,
+        repetition_max=repetition_max, alpha=alpha, batch_size=batch_size,
     )  # fmt: skip
     m = _load(model, dtype, device)
     v = _vectors(vectors, m)
@@ -220,13 +223,15 @@ def calibrate(
     if choice:
         console.print(
             f"chose layer {choice['layer']}, c = {choice['coef']:g} (trait {choice['trait']:.1f}, coherence "
-            f"{choice['coherence']:.1f}); stored in {vectors}; plot {store.path / CALIBRATION_PLOT}"
+            f"{choice['coherence']:.1f}, p = {choice['p']:.2g}); stored in {vectors}; "
+            f"plot {store.path / CALIBRATION_PLOT}"
         )
     else:
         err.print(
-            f"[yellow]no steered setting raised the trait score above the unsteered baseline with coherence ≥ "
-            f"{coherence_min:g} and repetition ≤ {repetition_max:g}: nothing chosen[/yellow] "
-            f"(plot {store.path / CALIBRATION_PLOT}); try other --coefs or --layers"
+            "[yellow]no steered setting raised the trait score above the unsteered baseline"
+            + (f" question by question (p < {alpha:g})" if alpha < 1 else "")
+            + f" with coherence ≥ {coherence_min:g} and repetition ≤ {repetition_max:g}: nothing chosen[/yellow] "
+            f"(plot {store.path / CALIBRATION_PLOT}); try other --coefs or --layers, or more --questions"
         )
 
 

@@ -20,11 +20,11 @@ from personaxis.generate import Sampling, generate_batch, prompt_ids
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.stats import pearson
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
 from personaxis.traits.judging import judge_replies
 from personaxis.traits.library import TraitSpec
-from personaxis.traits.stats import pearson
 from personaxis.traits.steer import calibration_choice, primary
 from personaxis.vectors import Vectors
 

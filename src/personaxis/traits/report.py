@@ -120,16 +120,18 @@ def _calibration(c: dict[str, Any]) -> list[str]:
            f"{s['questions']} evaluation questions × {s['samples']} sample(s) per point, {s['max_new_tokens']} tokens, "
            f"temperature {s['temperature']:g}; strength in {s['units']} units; coherence threshold "
            f"{s['coherence_min']:g}" + (f", repetition limit {s['repetition_max']:g}" if "repetition_max" in s else "")
-           + ".", "",
+           + (f", per-question rise test at p < {s['alpha']:g}" if s.get("alpha", 1) < 1 else "") + ".", "",
            f"Unsteered baseline: trait {_num(c['baseline']['trait'])}, coherence {_num(c['baseline']['coherence'])}.",
            ""]  # fmt: skip
     choice = c.get("choice")
     if choice:
         out += [f"**Chosen: layer {choice['layer']}, c = {choice['coef']:g}** (trait {_num(choice['trait'])}, "
-                f"coherence {_num(choice['coherence'])}, effect {_num(choice['effect'], '+.1f')}).", ""]  # fmt: skip
+                f"coherence {_num(choice['coherence'])}, effect {_num(choice['effect'], '+.1f')}"
+                + (f", p = {choice['p']:.2g}" if choice.get("p") is not None else "") + ").", ""]  # fmt: skip
     else:
         out += ["**No steered setting raised the trait score above the baseline within the coherence and repetition "
-                "limits**: no choice was stored.", ""]  # fmt: skip
+                "limits" + (", question by question" if s.get("alpha", 1) < 1 else "") + "**: no choice was stored.",
+                ""]  # fmt: skip
     out += ["| layer | Spearman ρ (trait vs strength) | " + " | ".join(f"c={x:g}" for x in s["coefs"]) + " |",
             "|---|---|" + "---|" * len(s["coefs"])]  # fmt: skip
     by = {(cell["layer"], cell["coef"]): cell for cell in c["cells"]}
@@ -146,6 +148,12 @@ def _calibration(c: dict[str, Any]) -> list[str]:
     if looping:
         cells = ", ".join(f"layer {x['layer']} c={x['coef']:g} ({x['repetition']:.2f})" for x in looping)
         out += [f"Not eligible, their replies loop (mean repetition above {limit:g}): {cells}.", ""]
+    alpha, base = s.get("alpha", 1.0), c["baseline"]["trait"]
+    luck = [x for x in c["cells"] if alpha < 1 and x.get("p") is not None and x["p"] >= alpha and x["coef"] > 0
+            and None not in (x["trait"], base) and x["trait"] > base]  # fmt: skip
+    if luck:
+        cells = ", ".join(f"layer {x['layer']} c={x['coef']:g} (p = {x['p']:.2g})" for x in luck)
+        out += [f"Above the baseline on average but not question by question (p ≥ {alpha:g}): {cells}.", ""]
     return out + [f"![calibration]({'calibration.png'})", ""]
 
 

@@ -1,0 +1,76 @@
+"""The statistics the pipelines report and choose by.
+
+The correlations return None when undefined (fewer than two points, or a constant variable) instead of NaN, so reports
+can say "undefined" rather than print a number that is not one. The tests guard choices: a sweep that picks the best
+of many cells picks noise unless it asks whether the cell's gain holds item by item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from personaxis.errors import PersonaxisError
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r between two equally long sequences."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError("pearson needs two 1-D sequences of the same length")
+    if len(a) < 2:
+        return None
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    if denominator == 0.0:
+        return None
+    return float(np.clip((a * b).sum() / denominator, -1.0, 1.0))
+
+
+def ranks(x: Sequence[float]) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the ranks they span (the convention Spearman's ρ needs)."""
+    values = np.asarray(x, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        out[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's ρ: Pearson's r of the ranks."""
+    if len(x) != len(y):
+        raise ValueError("spearman needs two sequences of the same length")
+    return pearson(ranks(x), ranks(y))
+
+
+def check_alpha(alpha: float) -> None:
+    """A significance level for a choice's test: above 0, at most 1 (1 waives the test)."""
+    if not 0 < alpha <= 1:
+        raise PersonaxisError(f"--alpha must be above 0 and at most 1, got {alpha:g}")
+
+
+def rise_p(after: Sequence[float], before: Sequence[float], exact_up_to: int = 16) -> float:
+    """One-sided p-value that `after` exceeds `before` pair by pair: a sign-flip permutation test of the mean paired
+    difference, exact up to `exact_up_to` pairs (2^n flips), seeded random flips beyond. No pairs, or no difference,
+    gives 1. With n pairs the smallest attainable p is 2^-n: 5 pairs reach 0.05 only when every one of them rose."""
+    from scipy.stats import permutation_test
+
+    a, b = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError("rise_p needs two 1-D sequences of the same length")
+    if not np.any(a != b):
+        return 1.0
+    if len(a) == 1:  # two sign assignments; the observed one is the larger only when it rose
+        return 0.5 if a[0] > b[0] else 1.0
+    result = permutation_test(
+        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples", vectorized=True,
+        n_resamples=2**exact_up_to, alternative="greater", rng=np.random.default_rng(0),
+    )  # fmt: skip
+    return float(result.pvalue)
