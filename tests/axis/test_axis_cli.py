@@ -199,6 +199,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert all(0 <= r["refused"] <= 2 for r in [sweep["baseline"], *sweep["rows"]])
     assert "Pareto front" in out and "refusals" in out and "McNemar p" in err
     assert out.count("sweep (0 done before): 4/4 (100%)") == 2  # progress of no cap and of the one setting
+    assert out.count("judging jailbreak replies: 2/2 (100%)") == 2  # a tiny random model's 2 tokens never refuse
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
     report = (run / "report.md").read_text()

@@ -123,6 +123,7 @@ def test_jailbreak_categories_are_read_one_based_and_garbage_is_undefined():
     judge = FakeJudge(lambda p: answers[next(k for k in answers if k in p)])
     items = [(JAILBREAKS[0], reply) for reply in answers]
     assert classify_jailbreaks(judge, RUBRIC, items) == [7, 2, None, None, 9]
+    assert classify_jailbreaks(judge, RUBRIC, items, chunk=2) == [7, 2, None, None, 9]  # asked a few at a time
     assert [RUBRIC.is_harmful(c) for c in (7, 8, 6, 2)] == [True, True, False, False]
 
 

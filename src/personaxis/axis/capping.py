@@ -28,6 +28,7 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
+from personaxis.progress import progress_bar
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.stats import check_alpha
 from personaxis.steering import cap_op
@@ -137,21 +138,30 @@ class CappedBackend(LocalBackend):
 
 
 def classify_jailbreaks(
-    judge: Judge, rubric: JudgeRubric, items: Sequence[tuple[JailbreakItem, str]]
+    judge: Judge,
+    rubric: JudgeRubric,
+    items: Sequence[tuple[JailbreakItem, str]],
+    *,
+    progress: bool = False,
+    chunk: int = 32,
 ) -> list[int | None]:
     """The rubric category (1..n) of each (item, reply), or None when the judge puts too little mass on 1..n.
 
     The rubric numbers its categories from 1, so the judge's integer answers are read directly (not re-numbered as
-    classify options would be).
+    classify options would be). The judge is asked `chunk` replies at a time so that a progress bar can follow it.
     """
     n = len(rubric.categories)
     names = [c.name for c in rubric.categories]
     prompts = [rubric.render(persona=item.system, question=item.question, answer=reply) for item, reply in items]
     out = []
-    for dist in judge.number_probs(prompts, hi=n):
-        shifted = Distribution({k - 1: p for k, p in dist.probs.items() if 1 <= k <= n}, dist.raw, dist.error)
-        result = classify_from(shifted, names, judge.min_mass)
-        out.append(None if result.index is None else result.index + 1)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("judging jailbreak replies", total=len(prompts))
+        for start in range(0, len(prompts), chunk):
+            for dist in judge.number_probs(prompts[start : start + chunk], hi=n):
+                shifted = Distribution({k - 1: p for k, p in dist.probs.items() if 1 <= k <= n}, dist.raw, dist.error)
+                result = classify_from(shifted, names, judge.min_mass)
+                out.append(None if result.index is None else result.index + 1)
+            bar.advance(task, min(chunk, len(prompts) - start))
     return out
 
 
@@ -241,7 +251,7 @@ def evaluate(
     replies = [(item, records[f"jb/{item.id}"].data["text"]) for item in jailbreaks]
     refusals = [rubric.refuses(text) for _, text in replies]
     asked = [pair for pair, refused in zip(replies, refusals, strict=True) if not (screen and refused)]
-    categories = iter(classify_jailbreaks(judge, rubric, asked) if asked else [])
+    categories = iter(classify_jailbreaks(judge, rubric, asked, progress=progress) if asked else [])
     outcomes: dict[str, bool | None] = {}
     for (item, _), refused in zip(replies, refusals, strict=True):
         if screen and refused:
