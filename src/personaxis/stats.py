@@ -1,8 +1,8 @@
 """The statistics the pipelines report and choose by.
 
 The correlations return None when undefined (fewer than two points, or a constant variable) instead of NaN, so reports
-can say "undefined" rather than print a number that is not one. The tests guard choices: a sweep that picks the best
-of many cells picks noise unless it asks whether the cell's gain holds item by item.
+can say "undefined" rather than print a number that is not one. The significance tests guard choices: a sweep that
+picks the best of many cells picks noise unless it asks whether the cell's gain holds item by item.
 """
 
 from __future__ import annotations

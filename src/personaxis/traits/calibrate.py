@@ -185,10 +185,10 @@ def calibrate(
                 backend = SteeredBackend(model, [op], steer, batch_size=settings.batch_size)
             records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
             for r in rollouts:
-                q = int(r.id.split("/")[0][1:])
+                q, s = (int(part[1:]) for part in r.id.split("/"))  # "q{q}/s{s}"
                 text = records[r.id].data["text"]
-                rows.append({"layer": layer, "coef": coef, "question": q, "sample": int(r.id.split("/s")[1]),
-                             "question_text": questions[q], "text": text, "repetition": repetition(text)})  # fmt: skip
+                rows.append({"layer": layer, "coef": coef, "question": q, "sample": s, "question_text": questions[q],
+                             "text": text, "repetition": repetition(text)})  # fmt: skip
             bar.advance(task)
 
     judged, counts = judge_replies(
