@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from personaxis.progress import progress_bar
+from personaxis.progress import in_chunks, progress_bar
 
 
 def _log_console() -> tuple[Console, io.StringIO]:
@@ -73,3 +73,9 @@ def test_time_left_comes_from_the_mean_rate_even_when_updates_are_minutes_apart(
     lines = _lines(out, "rollouts")
     assert lines[0] == "rollouts: 2/10 (20%), 0:01:00 elapsed, about 0:04:00 left"
     assert lines[1] == "rollouts: 4/10 (40%), 0:03:00 elapsed, about 0:04:30 left"
+
+
+def test_chunks_cover_the_items_in_order():
+    items = list(range(10))
+    assert [list(c) for c in in_chunks(items, 4, "judging", progress=False)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert list(in_chunks([], 4, "judging", progress=False)) == []

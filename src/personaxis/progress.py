@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+T = TypeVar("T")
 
 LOG_EVERY = 60.0
 """Seconds between progress lines when the output is a log file rather than a terminal."""
@@ -69,3 +72,14 @@ def progress_bar(
     """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     return _Bar(*columns, every=every, disable=not enabled, transient=transient, console=console)
+
+
+def in_chunks(items: Sequence[T], size: int, description: str, progress: bool = True) -> Iterator[Sequence[T]]:
+    """`items` `size` at a time, under a bar that advances as each chunk is done: for work (judging, mostly) that
+    is asked in batches so that a long list shows how far it has got."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=len(items))
+        for start in range(0, len(items), size):
+            part = items[start : start + size]
+            yield part
+            bar.advance(task, len(part))

@@ -48,7 +48,7 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
+from personaxis.progress import in_chunks
 from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
@@ -214,18 +214,15 @@ def judge_roles(
     todo = list(prompts)
     for attempt in range(retries + 1):
         again = []
-        with progress_bar(progress) as bar:
-            task = bar.add_task("judging role adoption" + (f" (retry {attempt})" if attempt else ""), total=len(todo))
-            for start in range(0, len(todo), JUDGE_CHUNK):
-                chunk = todo[start : start + JUDGE_CHUNK]
-                for rid, result in zip(chunk, judge.classify_many([prompts[r] for r in chunk], labels), strict=True):
-                    if result.failed:
-                        again.append(rid)
-                        scores[rid] = None
-                    else:
-                        scores[rid] = None if result.label is None else int(result.label)
-                        undefined += result.label is None
-                bar.advance(task, len(chunk))
+        description = "judging role adoption" + (f" (retry {attempt})" if attempt else "")
+        for chunk in in_chunks(todo, JUDGE_CHUNK, description, progress):
+            for rid, result in zip(chunk, judge.classify_many([prompts[r] for r in chunk], labels), strict=True):
+                if result.failed:
+                    again.append(rid)
+                    scores[rid] = None
+                else:
+                    scores[rid] = None if result.label is None else int(result.label)
+                    undefined += result.label is None
         todo = again
         if not todo:
             break

@@ -28,7 +28,7 @@ from personaxis.generate import Sampling
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
+from personaxis.progress import in_chunks
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.stats import check_alpha
 from personaxis.steering import cap_op
@@ -154,14 +154,11 @@ def classify_jailbreaks(
     names = [c.name for c in rubric.categories]
     prompts = [rubric.render(persona=item.system, question=item.question, answer=reply) for item, reply in items]
     out = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("judging jailbreak replies", total=len(prompts))
-        for start in range(0, len(prompts), chunk):
-            for dist in judge.number_probs(prompts[start : start + chunk], hi=n):
-                shifted = Distribution({k - 1: p for k, p in dist.probs.items() if 1 <= k <= n}, dist.raw, dist.error)
-                result = classify_from(shifted, names, judge.min_mass)
-                out.append(None if result.index is None else result.index + 1)
-            bar.advance(task, min(chunk, len(prompts) - start))
+    for part in in_chunks(prompts, chunk, "judging jailbreak replies", progress):
+        for dist in judge.number_probs(part, hi=n):
+            shifted = Distribution({k - 1: p for k, p in dist.probs.items() if 1 <= k <= n}, dist.raw, dist.error)
+            result = classify_from(shifted, names, judge.min_mass)
+            out.append(None if result.index is None else result.index + 1)
     return out
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from personaxis.judge import Judge, ScoreResult, coherence_prompt, trait_prompt
-from personaxis.progress import progress_bar
+from personaxis.progress import in_chunks
 
 
 @dataclass(frozen=True)
@@ -67,20 +67,16 @@ def judge_replies(
     missing = ScoreResult(None, 0.0, error="not asked")
     out: list[Judged] = []
     counts = JudgeCounts()
-    with progress_bar(progress) as bar:
-        task = bar.add_task(description, total=len(items))
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            prompts = [trait_prompt(rubric, q, a) for q, a in part]
+    for part in in_chunks(items, chunk, description, progress):
+        prompts = [trait_prompt(rubric, q, a) for q, a in part]
+        if coherence:
+            prompts += [coherence_prompt(q, a) for q, a in part]
+        results = judge.score(prompts)
+        traits = results[: len(part)]
+        coherences = results[len(part) :] if coherence else [missing] * len(part)
+        for t, c in zip(traits, coherences, strict=True):
+            counts.add(t)
             if coherence:
-                prompts += [coherence_prompt(q, a) for q, a in part]
-            results = judge.score(prompts)
-            traits = results[: len(part)]
-            coherences = results[len(part) :] if coherence else [missing] * len(part)
-            for t, c in zip(traits, coherences, strict=True):
-                counts.add(t)
-                if coherence:
-                    counts.add(c)
-                out.append(Judged(t, c))
-            bar.advance(task, len(part))
+                counts.add(c)
+            out.append(Judged(t, c))
     return out, counts
