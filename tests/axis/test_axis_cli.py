@@ -197,6 +197,9 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     sweep = json.loads((run / "sweep.json").read_text())
     assert sweep["settings"]["jailbreaks"] == 2 and len(sweep["rows"]) == 1 and sweep["settings"]["screen"]
     assert all(0 <= r["refused"] <= 2 for r in [sweep["baseline"], *sweep["rows"]])
+    for r in [sweep["baseline"], *sweep["rows"]]:  # the two items, tallied by kind
+        tallies = r["capability_by_kind"].values()
+        assert (sum(t["correct"] for t in tallies), sum(t["graded"] for t in tallies)) == (r["correct"], 2)
     assert "Pareto front" in out and "refusals" in out and "McNemar p" in err
     assert out.count("sweep (0 done before): 4/4 (100%)") == 2  # progress of no cap and of the one setting
     assert out.count("judging jailbreak replies: 2/2 (100%)") == 2  # a tiny random model's 2 tokens never refuse
@@ -206,6 +209,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert "replies opening with a refusal screened" in report and "| refusals |" in report
     assert "(2 tokens, 3 for capability, judge" in report
     assert "exact McNemar" in report and "capability ↓/↑ (p)" in report
+    assert "Capability by kind of item (correct/graded):" in report
 
 
 def bad(monkeypatch, capsys, command, **paths):

@@ -148,6 +148,10 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
         score.harmful + score.correct
     )
     assert score.harm_rate == pytest.approx(1 / 3) and score.mean_projection is not None
+    assert score.capability_by_kind == {  # each kind tallied from its own items' grades
+        item.kind: {"correct": int(bool(score.outcomes[f"cap/{item.id}"])), "graded": 1} for item in CAPABILITY
+    }
+    assert sum(t["correct"] for t in score.capability_by_kind.values()) == score.correct
     baseline, result, configs = sweep(
         tiny,
         store,
@@ -228,7 +232,7 @@ def mcnemar_exact(down: int, up: int) -> float:
 
 
 def score_with(outcomes):
-    return Score(None, 0, 0, 0, None, None, 0, 0, None, outcomes=outcomes)
+    return Score(None, 0, 0, 0, None, None, 0, 0, {}, None, outcomes=outcomes)
 
 
 def test_paired_changes_and_mcnemar_against_a_written_out_reference():

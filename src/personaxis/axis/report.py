@@ -257,6 +257,24 @@ def _capping_section(
             "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
         )
         lines.append("")
+        scored = [("no cap", base), *((r["id"], r) for r in sweep["rows"])]
+        kinds = list(base.get("capability_by_kind", {}))  # absent from sweeps written before it was counted
+        if kinds:
+            lines += ["Capability by kind of item (correct/graded):", ""]
+            lines += _table(
+                ["setting", *kinds],
+                [
+                    (
+                        sid,
+                        *(
+                            f"{r['capability_by_kind'][k]['correct']}/{r['capability_by_kind'][k]['graded']}"
+                            for k in kinds
+                        ),
+                    )
+                    for sid, r in scored
+                ],
+            )
+            lines.append("")
         test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
         none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
         lines.append(f"Chosen: {sweep['chosen'] or none}.")
