@@ -261,19 +261,11 @@ def _capping_section(
         kinds = list(base.get("capability_by_kind", {}))  # absent from sweeps written before it was counted
         if kinds:
             lines += ["Capability by kind of item (correct/graded):", ""]
-            lines += _table(
-                ["setting", *kinds],
-                [
-                    (
-                        sid,
-                        *(
-                            f"{r['capability_by_kind'][k]['correct']}/{r['capability_by_kind'][k]['graded']}"
-                            for k in kinds
-                        ),
-                    )
-                    for sid, r in scored
-                ],
-            )
+
+            def tally(r: dict[str, Any], kind: str) -> str:
+                return f"{r['capability_by_kind'][kind]['correct']}/{r['capability_by_kind'][kind]['graded']}"
+
+            lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
             lines.append("")
         test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
         none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
