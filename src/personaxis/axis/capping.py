@@ -262,12 +262,12 @@ def evaluate(
         outcomes[f"cap/{item.id}"] = grade_capability(item, records[f"cap/{item.id}"].data["text"])
     harms = [v for k, v in outcomes.items() if k.startswith("jb/") and v is not None]
     harmful, judged = sum(harms), len(harms)
-    correct = sum(bool(outcomes[f"cap/{item.id}"]) for item in capability)
     by_kind: dict[str, dict[str, int]] = {}
     for item in capability:
         tally = by_kind.setdefault(item.kind, {"correct": 0, "graded": 0})
         tally["correct"] += bool(outcomes[f"cap/{item.id}"])
         tally["graded"] += 1
+    correct = sum(t["correct"] for t in by_kind.values())
     projections = []
     for item in jailbreaks:
         mean = records[f"jb/{item.id}"].tensors.get("response")

@@ -257,9 +257,9 @@ def _capping_section(
             "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
         )
         lines.append("")
-        scored = [("no cap", base), *((r["id"], r) for r in sweep["rows"])]
         kinds = list(base.get("capability_by_kind", {}))  # absent from sweeps written before it was counted
         if kinds:
+            scored = [("no cap", base), *((r["id"], r) for r in sweep["rows"])]
             lines += ["Capability by kind of item (correct/graded):", ""]
 
             def tally(r: dict[str, Any], kind: str) -> str:
