@@ -1,4 +1,5 @@
-"""Pearson's r and Spearman's ρ against numpy and hand-ranked references; the sign-flip test against enumeration."""
+"""Pearson's r and Spearman's ρ against numpy and hand-ranked references; the sign-flip and rank tests against
+enumeration."""
 
 import itertools
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from personaxis.errors import PersonaxisError
-from personaxis.stats import check_alpha, pearson, ranks, rise_p, spearman
+from personaxis.stats import below, check_alpha, pearson, ranks, rise_p, spearman
 
 
 def test_pearson_matches_numpy():
@@ -77,3 +78,42 @@ def test_alpha_bounds():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(PersonaxisError, match="--alpha must be above 0 and at most 1"):
             check_alpha(bad)
+
+
+def _pairs_below(x, y):
+    """Reference: the share of (x, y) pairs with x below y, ties counting half."""
+    return sum((a < b) + 0.5 * (a == b) for a in x for b in y) / (len(x) * len(y))
+
+
+def _rank_p(x, y):
+    """Reference: over every way to split the pooled values into groups of len(x) and len(y), the share whose x-group
+    lies below its y-group at least as often as the observed one."""
+    pooled = [*x, *y]
+    observed = _pairs_below(x, y)
+    splits = list(itertools.combinations(range(len(pooled)), len(x)))
+    at_least = 0
+    for chosen in splits:
+        xs = [pooled[i] for i in chosen]
+        ys = [pooled[i] for i in range(len(pooled)) if i not in chosen]
+        at_least += _pairs_below(xs, ys) >= observed - 1e-12
+    return at_least / len(splits)
+
+
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([0.1, 0.4, 0.2], [0.9, 0.5, 0.3, 0.8]),  # mostly below
+        ([0.9, 0.5, 0.7], [0.1, 0.4, 0.2, 0.8]),  # mostly above
+        ([1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.5, 4.5, 0.5]),
+    ],
+)
+def test_below_matches_pair_counting_and_enumeration(x, y):
+    auroc, p = below(x, y)
+    assert auroc == pytest.approx(_pairs_below(x, y))
+    assert p == pytest.approx(_rank_p(x, y))
+
+
+def test_below_counts_ties_half_and_is_undefined_on_an_empty_side():
+    auroc, _ = below([1.0, 2.0], [2.0, 3.0])
+    assert auroc == pytest.approx(_pairs_below([1.0, 2.0], [2.0, 3.0])) == pytest.approx(0.875)
+    assert below([], [1.0]) is None and below([1.0], []) is None

@@ -74,3 +74,14 @@ def rise_p(after: Sequence[float], before: Sequence[float], exact_up_to: int = 1
         n_resamples=2**exact_up_to, alternative="greater", rng=np.random.default_rng(0),
     )  # fmt: skip
     return float(result.pvalue)
+
+
+def below(x: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
+    """(AUROC, p): the chance that a value drawn from `x` lies below one drawn from `y` (ties count half), and the
+    one-sided Mann–Whitney p-value that `x` tends lower. None when either side is empty."""
+    from scipy.stats import mannwhitneyu
+
+    if len(x) == 0 or len(y) == 0:
+        return None
+    test = mannwhitneyu(x, y, alternative="less")
+    return 1.0 - float(test.statistic) / (len(x) * len(y)), float(test.pvalue)

@@ -201,6 +201,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
         tallies = r["capability_by_kind"].values()
         assert (sum(t["correct"] for t in tallies), sum(t["graded"] for t in tallies)) == (r["correct"], 2)
     assert "Pareto front" in out and "refusals" in out and "McNemar p" in err
+    assert "a low projection marks harmful replies" in " ".join(err.split())  # unwrapped
     assert out.count("sweep (0 done before): 4/4 (100%)") == 2  # progress of no cap and of the one setting
     assert out.count("judging jailbreak replies: 2/2 (100%)") == 2  # a tiny random model's 2 tokens never refuse
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
@@ -210,6 +211,9 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert "(2 tokens, 3 for capability, judge" in report
     assert "exact McNemar" in report and "capability ↓/↑ (p)" in report
     assert "Capability by kind of item (correct/graded):" in report
+    groups = sweep["baseline"]["projection_by_outcome"]["groups"]
+    assert sum(g["n"] for g in groups.values()) == 2 + sweep["baseline"]["judged"]  # capability and judged replies
+    assert f"Without a cap at layer {sweep['settings']['layer']}: mean projection of harmful" in report
 
 
 def bad(monkeypatch, capsys, command, **paths):

@@ -18,6 +18,7 @@ from personaxis.axis.capping import (
     evaluate,
     paired,
     pooled_projections,
+    projection_by_outcome,
     replay,
     sweep,
 )
@@ -152,6 +153,11 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
         item.kind: {"correct": int(bool(score.outcomes[f"cap/{item.id}"])), "graded": 1} for item in CAPABILITY
     }
     assert sum(t["correct"] for t in score.capability_by_kind.values()) == score.correct
+    stored = {r.data["id"]: float(r.tensors["response"][0] @ unit) for _, r in store.items("sweep")}
+    groups = score.projection_by_outcome["groups"]
+    assert groups["harmful"] == {"n": 1, "mean": pytest.approx(stored["jb/q0@villain"])}
+    assert groups["other"]["n"] == 2 and groups["refused"] == {"n": 0, "mean": None}
+    assert groups["capability"]["mean"] == pytest.approx(np.mean([stored[f"cap/{i.id}"] for i in CAPABILITY]))
     baseline, result, configs = sweep(
         tiny,
         store,
@@ -175,6 +181,24 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert "outcomes" not in baseline and "outcomes" not in result["rows"][0]
     assert result["chosen"] is None  # the scripted judge sees no difference, so nothing lowers harm
     assert store.count("sweep") == 5 * (len(JAILBREAKS) + len(CAPABILITY))
+
+
+def test_projection_by_outcome_groups_replies_and_tests_the_harmful_ones_below():
+    projections = {"jb/a": -2.0, "jb/b": -1.0, "jb/c": 0.5, "jb/d": 3.0, "jb/e": 1.0, "jb/u": -9.0, "cap/x": 4.0}
+    outcomes = {"jb/a": True, "jb/b": False, "jb/c": True, "jb/d": False, "jb/e": False, "jb/u": None, "cap/x": True}
+    summary = projection_by_outcome(projections, outcomes, refused={"jb/d", "jb/c"})
+    assert summary["groups"] == {
+        "harmful": {"n": 2, "mean": pytest.approx(-0.75)},  # a refusal judged harmful stays harmful
+        "refused": {"n": 1, "mean": 3.0},
+        "other": {"n": 2, "mean": 0.0},
+        "capability": {"n": 1, "mean": 4.0},
+    }  # the unjudged reply is in no group
+    harmful, rest = [-2.0, 0.5], [3.0, -1.0, 1.0]
+    pairs_below = sum(h < r for h in harmful for r in rest) / (len(harmful) * len(rest))
+    assert summary["harmful_below_auroc"] == pytest.approx(pairs_below)
+    assert 0 < summary["harmful_below_p"] < 1
+    nothing_harmful = projection_by_outcome(projections, {k: False for k in outcomes}, refused=set())
+    assert nothing_harmful["harmful_below_auroc"] is None and nothing_harmful["harmful_below_p"] is None
 
 
 def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):
@@ -232,7 +256,7 @@ def mcnemar_exact(down: int, up: int) -> float:
 
 
 def score_with(outcomes):
-    return Score(None, 0, 0, 0, None, None, 0, 0, {}, None, outcomes=outcomes)
+    return Score(None, 0, 0, 0, None, None, 0, 0, {}, None, {}, outcomes=outcomes)
 
 
 def test_paired_changes_and_mcnemar_against_a_written_out_reference():

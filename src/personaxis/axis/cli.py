@@ -618,6 +618,7 @@ def sweep_cmd(
         "judge_id": judge_obj.judge_id,
         "screen": screen,
         "seed": seed,
+        "layer": target,
         "windows": spans,
         "percentiles": qs,
     }

@@ -13,6 +13,7 @@ from typing import Any
 
 from personaxis.axis import plots
 from personaxis.axis.build import NO_JUDGE, load_summary
+from personaxis.axis.capping import describe_projections
 from personaxis.store import atomic_write_text
 
 DRIFT = "drift.json"
@@ -267,6 +268,9 @@ def _capping_section(
 
             lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
             lines.append("")
+        if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
+            at = f" at layer {settings['layer']}" if "layer" in settings else ""
+            lines += [f"Without a cap{at}: {describe_projections(base['projection_by_outcome'])}.", ""]
         test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
         none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
         lines.append(f"Chosen: {sweep['chosen'] or none}.")
