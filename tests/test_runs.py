@@ -4,7 +4,7 @@ import torch
 
 from personaxis.capture import encode_means
 from personaxis.generate import Sampling
-from personaxis.runs import LocalBackend, Rollout, run_captures, run_rollouts
+from personaxis.runs import LocalBackend, Rollout, longest_first, run_captures, run_rollouts
 from personaxis.store import RunStore
 
 
@@ -53,3 +53,22 @@ def test_captures_match_encode_and_resume(tiny, tmp_path):
         torch.testing.assert_close(records[cid].tensors["last_prompt"], expected[i, 2])
     assert run_captures(store, tiny, chats, [1, 3], progress=False).keys() == records.keys()
     assert store.count("captures") == 2
+
+
+def test_batches_run_longest_prompt_first_and_cover_every_rollout_once():
+    lengths = [5, 9, 1, 9, 3, 7, 2]
+    batches = longest_first(lengths, 3)
+    assert batches == [[1, 3, 5], [0, 4, 6], [2]]  # ties keep their order
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert longest_first([], 4) == []
+
+
+def test_the_local_backend_generates_the_longest_prompts_first(tiny):
+    chats = [[{"role": "user", "content": "Hi " * n}] for n in (1, 8, 3)]
+    backend = LocalBackend(tiny, [0], batch_size=1)
+    done = [
+        r.rollout.id
+        for batch in backend.stream([Rollout.make(f"r{i}", c, Sampling(2)) for i, c in enumerate(chats)])
+        for r in batch
+    ]
+    assert done == ["r1", "r2", "r0"]

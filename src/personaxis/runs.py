@@ -94,9 +94,7 @@ class LocalBackend:
 
     def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
         prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
-        order = sorted(range(len(rollouts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        for chunk in longest_first([len(p) for p in prompts], self.batch_size):
             outs = generate_batch(
                 self.model,
                 [prompts[i] for i in chunk],
@@ -109,6 +107,14 @@ class LocalBackend:
                 RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
                 for i, o in zip(chunk, outs, strict=True)
             ]
+
+
+def longest_first(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices in batches of `size` by prompt length (little padding), the longest batch first: one that does not
+    fit in memory fails at the start of a long job, not at its end, and the progress estimate errs long, not short
+    (long prompts tend to want long replies)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def check_backend(backend: Backend, model: ChatModel, layers: Sequence[int], captures: Sequence[str]) -> None:

@@ -31,7 +31,7 @@ from personaxis.errors import PersonaxisError
 from personaxis.judge.base import Judge
 from personaxis.judge.scoring import MIN_MASS, Distribution
 from personaxis.model.loading import DTYPES, model_name
-from personaxis.runs import LocalBackend, Rollout, RolloutResult
+from personaxis.runs import LocalBackend, Rollout, RolloutResult, longest_first
 from personaxis.store import RunStore
 
 _LENGTH_CHUNK = 2000  # rollouts per tokenization task
@@ -165,9 +165,8 @@ class RayBackend:
         lengths: list[int] = [0] * len(rollouts)
         for c, values in self._map("lengths", chunks):
             lengths[c * _LENGTH_CHUNK : c * _LENGTH_CHUNK + len(values)] = values
-        order = sorted(range(len(rollouts)), key=lambda i: lengths[i])  # LocalBackend's order and batches
-        size = self.options["batch_size"]
-        shards = [[rollouts[i] for i in order[s : s + size]] for s in range(0, len(order), size)]
+        batches = longest_first(lengths, self.options["batch_size"])  # LocalBackend's order and batches
+        shards = [[rollouts[i] for i in batch] for batch in batches]
         for _, results in self._map("run", shards):
             yield results
 
