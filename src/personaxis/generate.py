@@ -20,6 +20,7 @@ import torch
 from personaxis.engine import Op, Project, Record, Trace
 from personaxis.errors import PersonaxisError
 from personaxis.model.attention import rowwise, supports_rowwise
+from personaxis.model.cache import cache_argument, returned_cache
 from personaxis.model.chat import Label
 from personaxis.model.loading import ChatModel
 from personaxis.progress import progress_bar
@@ -162,13 +163,14 @@ def generate_batch(
     ]
     stops = stop_token_ids(model)
     extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}
+    cache_name = cache_argument(model.model) or "past_key_values"
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finish: list[str] = [""] * batch
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode(), _invariance(model, invariant, batch), model.engine.apply(ops) as trace:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = returned_cache(out), out.logits[:, -1]
         next_position = mask.sum(dim=1)
         active = [True] * batch
         while True:
@@ -196,11 +198,11 @@ def generate_batch(
                 input_ids=step_ids[:, None],
                 attention_mask=mask,
                 position_ids=next_position[:, None],
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_name: cache},
                 **extra,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
+            cache, logits = returned_cache(out), out.logits[:, -1]
             next_position = next_position + feed
             if on_token is not None and projected:
                 latest = {name: trace.latest(name) for name in projected}

@@ -7,6 +7,7 @@ from personaxis.engine import Ablate, Add, Cap, Project, Record
 from personaxis.engine.hooks import _unwrap
 from personaxis.errors import PersonaxisError
 from personaxis.generate import Sampling, generate_batch
+from personaxis.model.cache import cache_argument, returned_cache
 
 H = 64
 
@@ -280,10 +281,11 @@ def test_phases_stay_right_when_decoding_resumes_under_a_new_apply(tiny):
     n, v = prompt.shape[1], {2: torch.randn(H)}
     ops = [Project("prompt", v, when="prompt"), Project("response", v, when="response")]
     with torch.inference_mode():
-        cache = tiny.model(input_ids=prompt, use_cache=True).past_key_values
+        cache = returned_cache(tiny.model(input_ids=prompt, use_cache=True))
         step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
+        step[cache_argument(tiny.model)] = cache
         with tiny.engine.apply(ops, last_prompt=[n - 1]) as resumed:
-            tiny.model(**step, position_ids=torch.tensor([[n]]), past_key_values=cache, use_cache=True)
+            tiny.model(**step, position_ids=torch.tensor([[n]]), use_cache=True)
     assert torch.isnan(resumed.projections("prompt")[0, n]).all()  # the decoded token is no prompt token
     assert not torch.isnan(resumed.projections("response")[0, n]).any()
 

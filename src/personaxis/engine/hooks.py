@@ -278,7 +278,7 @@ class Engine:
                 start = mask.shape[1] - width
                 valid = mask[:, start:].bool()
             else:
-                cache = kwargs.get("past_key_values")
+                cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
                 valid = torch.ones(batch, width, dtype=torch.bool, device=device)
             columns = torch.arange(start, start + width, device=device)

@@ -34,7 +34,7 @@ import torch
 
 from personaxis.judge.base import Judge
 from personaxis.judge.scoring import MIN_MASS, Distribution, parse_integer
-from personaxis.model.cache import row_kv, spliceable, stack_rows
+from personaxis.model.cache import cache_argument, returned_cache, row_kv, spliceable, stack_rows
 from personaxis.store import RunStore
 
 
@@ -114,8 +114,10 @@ class LocalJudge(Judge):
         self._vocab = _Vocab.of(tokenizer)
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         params = inspect.signature(model.forward).parameters
-        self._takes = {p for p in ("position_ids", "logits_to_keep", "use_cache", "past_key_values") if p in params}
-        self._reuse = {"position_ids", "use_cache", "past_key_values"} <= self._takes  # until a cache says otherwise
+        self._takes = {p for p in ("position_ids", "logits_to_keep", "use_cache") if p in params}
+        self._cache_name = cache_argument(model)
+        # until a cache says otherwise:
+        self._reuse = {"position_ids", "use_cache"} <= self._takes and self._cache_name is not None
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The judge prompt as the model sees it: one user turn, then the start of the assistant's reply."""
@@ -197,7 +199,7 @@ class LocalJudge(Judge):
                 "input_ids": torch.tensor([answers[i] for i in chunk]).to(device),
                 "attention_mask": mask.to(device),
                 "position_ids": positions.to(device),
-                "past_key_values": stack_rows([prompt_kv[i] for i in chunk]),
+                self._cache_name: stack_rows([prompt_kv[i] for i in chunk]),
                 "use_cache": True,
             }
             if "logits_to_keep" in self._takes:
@@ -235,8 +237,9 @@ class LocalJudge(Judge):
                 kwargs["use_cache"] = keep is not None and left
             result = self.model(**kwargs)
             if kwargs.get("use_cache"):
-                if spliceable(result.past_key_values):
-                    keep.update({i: row_kv(result.past_key_values, r, len(seqs[i])) for r, i in enumerate(rows)})
+                cache = returned_cache(result)
+                if spliceable(cache):
+                    keep.update({i: row_kv(cache, r, len(seqs[i])) for r, i in enumerate(rows)})
                 else:  # sliding windows or recurrent state: re-encode the prompts instead
                     self._reuse = False
                     keep = None

@@ -3,15 +3,31 @@
 The server splices requests into a running batch and the local judge reuses a prompt's keys and values for every
 answer it expands; both need caches whose layers are plain growing key/value tensors [batch, heads, seq, dim].
 Sliding-window and recurrent layers keep other state, so those caches are left to the model.
+transformers 5.24 renamed the cache argument and output `past_key_values` to `cache`; the helpers here take either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def cache_argument(model: torch.nn.Module) -> str | None:
+    """The keyword under which `model.forward` takes a KV cache (`cache` or the older `past_key_values`); None if
+    its signature names neither."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def returned_cache(output: Mapping[str, Any]) -> Any:
+    """The KV cache a forward returned, under either name (None when it returned none)."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
 
 
 def spliceable(cache: object) -> bool:

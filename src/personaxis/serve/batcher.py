@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 from personaxis.engine import Op, Trace
 from personaxis.generate import Generation, accepts, sample_next, stop_token_ids
 from personaxis.model import ChatModel
-from personaxis.model.cache import append_rows, drop_left
+from personaxis.model.cache import append_rows, cache_argument, drop_left, returned_cache
 from personaxis.serve.plan import Registry
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class RunningBatch:
         self.model, self.registry, self.invariant = model, registry, invariant
         self.stops = stop_token_ids(model)
         self.extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}
+        self.cache_name = cache_argument(model.model) or "past_key_values"
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask = self.positions = self.logits = None  # [B, W] · [B] · [B, V], on the model's device
@@ -91,7 +92,7 @@ class RunningBatch:
                                    **self.extra)  # fmt: skip
         hits = trace.cap_hits.tolist() if trace.cap_hits is not None else [0] * len(jobs)
         rows = [Row(job, _generator(job.sampling), cap_hits=int(h)) for job, h in zip(jobs, hits, strict=True)]
-        self._splice(out.past_key_values, out.logits[:, -1], mask, mask.sum(dim=1), rows)
+        self._splice(returned_cache(out), out.logits[:, -1], mask, mask.sum(dim=1), rows)
 
     def _splice(self, cache: DynamicCache, logits: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                 rows: list[Row]) -> None:  # fmt: skip
@@ -150,8 +151,8 @@ class RunningBatch:
         """One forward of the rows' next tokens."""
         with torch.inference_mode():
             out = self.model.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.positions[:, None],
-                                   past_key_values=self.cache, use_cache=True, **self.extra)  # fmt: skip
-        return out.past_key_values, out.logits[:, -1]
+                                   use_cache=True, **{self.cache_name: self.cache}, **self.extra)  # fmt: skip
+        return returned_cache(out), out.logits[:, -1]
 
     def fail(self, message: str) -> None:
         """Every running request gets `message` as its error; the batch is emptied."""

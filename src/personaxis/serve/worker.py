@@ -27,7 +27,7 @@ from personaxis.errors import PersonaxisError
 from personaxis.generate import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
 from personaxis.model.attention import rowwise, supports_rowwise
-from personaxis.model.cache import spliceable
+from personaxis.model.cache import returned_cache, spliceable
 from personaxis.serve.batcher import RunningBatch
 from personaxis.serve.plan import Plan, Registry
 
@@ -109,7 +109,7 @@ class Worker:
         token = next((t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None), 0)
         with torch.inference_mode():
             out = self.model.model(input_ids=torch.tensor([[token]], device=self.model.device), use_cache=True)
-        return spliceable(out.past_key_values)
+        return spliceable(returned_cache(out))
 
     def start(self) -> None:
         if self.batch_invariant:
