@@ -9,6 +9,7 @@ from cli_runner import invoke as run_cli
 
 import personaxis.runs
 from personaxis.axis.library import load_roles
+from personaxis.store import RunStore
 from personaxis.vectors import CapConfig, Vectors
 
 
@@ -214,6 +215,19 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     groups = sweep["baseline"]["projection_by_outcome"]["groups"]
     assert sum(g["n"] for g in groups.values()) == 2 + sweep["baseline"]["judged"]  # capability and judged replies
     assert f"Without a cap at layer {sweep['settings']['layer']}: mean projection of harmful" in report
+    code, _, err = cli(  # by default the capability replies get room for worked sums
+        monkeypatch,
+        capsys,
+        "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
+        "--percentiles 25 --jailbreaks 2 --capability 1 --max-tokens 2 --dtype float32 --screen",
+        m=folder,
+        axis=run / "artifacts" / "axis.safetensors",
+        run=run,
+    )
+    assert code == 0, err
+    assert json.loads((run / "sweep.json").read_text())["settings"]["capability_tokens"] == 256
+    lengths = [r.data["n_tokens"] for _, r in RunStore(run).items("sweep", tensors=False)]
+    assert max(lengths) > 3
 
 
 def bad(monkeypatch, capsys, command, **paths):

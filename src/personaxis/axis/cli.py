@@ -29,6 +29,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local fold
 AxisOpt = Annotated[Path, typer.Option("--axis", "-a", help="an axis artifact (.safetensors from `axis build`)")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps... (default: where the model loads)")]
+CAPABILITY_TOKENS = 256  # worked sums: Qwen2.5-Coder-1.5B ends 500 of 560 between 129 and 256 tokens
 JUDGE_HELP = "local:same, local:MODEL, openai:MODEL@BASE_URL"
 
 
@@ -530,7 +531,10 @@ def sweep_cmd(
     max_tokens: int = 128,
     capability_tokens: Annotated[
         int | None,
-        typer.Option(help="reply length for capability items (default: --max-tokens); worked sums need room"),
+        typer.Option(
+            help=f"reply length for capability items (default: the larger of {CAPABILITY_TOKENS} and --max-tokens): "
+            "a worked sum cut off before its answer counts as wrong"
+        ),
     ] = None,
     max_drop: Annotated[float, typer.Option(help="capability points the chosen setting may lose")] = 2.0,
     alpha: Annotated[
@@ -582,7 +586,8 @@ def sweep_cmd(
     projections = pooled_projections(store, vectors, name=name)
     judge_obj = judge_from_spec(judge, cache=store, same=m)
     sampling = Sampling(max_new_tokens=max_tokens)
-    capability_sampling = None if capability_tokens is None else Sampling(max_new_tokens=capability_tokens)
+    capability_tokens = capability_tokens or max(CAPABILITY_TOKENS, max_tokens)
+    capability_sampling = Sampling(max_new_tokens=capability_tokens)
     spans = sweep_windows(m.n_layers, sizes, positions)
     _say(
         f"{len(spans)} windows × {len(qs)} percentiles on {len(jb_items)} jailbreaks and {len(cap_items)} "
@@ -613,7 +618,7 @@ def sweep_cmd(
         "jailbreaks": len(jb_items),
         "capability": len(cap_items),
         "max_tokens": max_tokens,
-        "capability_tokens": capability_tokens or max_tokens,
+        "capability_tokens": capability_tokens,
         "judge": judge,
         "judge_id": judge_obj.judge_id,
         "screen": screen,
