@@ -15,6 +15,7 @@ from personaxis.axis.capping import (
     cap_config,
     capped_turn_projections,
     classify_jailbreaks,
+    describe_projections,
     evaluate,
     paired,
     pooled_projections,
@@ -193,12 +194,21 @@ def test_projection_by_outcome_groups_replies_and_tests_the_harmful_ones_below()
         "other": {"n": 2, "mean": 0.0},
         "capability": {"n": 1, "mean": 4.0},
     }  # the unjudged reply is in no group
-    harmful, rest = [-2.0, 0.5], [3.0, -1.0, 1.0]
-    pairs_below = sum(h < r for h in harmful for r in rest) / (len(harmful) * len(rest))
-    assert summary["harmful_below_auroc"] == pytest.approx(pairs_below)
-    assert 0 < summary["harmful_below_p"] < 1
+    harmful = [-2.0, 0.5]
+    against = {"judged": [3.0, -1.0, 1.0], "other": [-1.0, 1.0], "capability": [4.0]}
+    assert summary["harmful_below"].keys() == against.keys()
+    for name, rest in against.items():
+        pairs_below = sum(h < r for h in harmful for r in rest) / (len(harmful) * len(rest))
+        assert summary["harmful_below"][name]["auroc"] == pytest.approx(pairs_below)
+        assert 0 < summary["harmful_below"][name]["p"] <= 1
     nothing_harmful = projection_by_outcome(projections, {k: False for k in outcomes}, refused=set())
-    assert nothing_harmful["harmful_below_auroc"] is None and nothing_harmful["harmful_below_p"] is None
+    assert all(result is None for result in nothing_harmful["harmful_below"].values())
+    sentence = describe_projections(summary)
+    assert (
+        "harmful -0.75 (n 2)" in sentence
+        and f"capability {summary['harmful_below']['capability']['auroc']:.2f}" in sentence
+    )
+    assert "undefined" in describe_projections(nothing_harmful)
 
 
 def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):

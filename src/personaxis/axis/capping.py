@@ -297,9 +297,10 @@ def projection_by_outcome(
 ) -> dict[str, Any]:
     """Where the replies sit on the axis (response means at the target layer), by what they turned out to be:
     harmful jailbreak replies, refusals, the other judged jailbreak replies, capability replies; and whether a low
-    projection marks the harmful ones among the judged (science.md §2.5), as the AUROC that a harmful reply
-    projects below a harmless one with its one-sided Mann–Whitney p. A floor can only cut harm without costing
-    capability when the harmful replies sit below both the harmless and the capability ones."""
+    projection marks the harmful ones (science.md §2.5): the AUROC that a harmful reply projects below one of each
+    comparison group, with its one-sided Mann–Whitney p. Against all judged replies a floor can win by making the
+    model refuse; only harmful replies below the other compliant ones and the capability ones leave room for a floor
+    that cuts harm without costing capability."""
     groups: dict[str, list[float]] = {"harmful": [], "refused": [], "other": [], "capability": []}
     for sample_id, value in projections.items():
         if sample_id.startswith("cap/"):
@@ -307,25 +308,38 @@ def projection_by_outcome(
         elif outcomes.get(sample_id) is not None:
             harmful = outcomes[sample_id]
             groups["harmful" if harmful else "refused" if sample_id in refused else "other"].append(value)
-    separation = below(groups["harmful"], groups["refused"] + groups["other"])
+    against = {
+        "judged": groups["refused"] + groups["other"],
+        "other": groups["other"],
+        "capability": groups["capability"],
+    }
     return {
         "groups": {g: {"n": len(v), "mean": sum(v) / len(v) if v else None} for g, v in groups.items()},
-        "harmful_below_auroc": None if separation is None else separation[0],
-        "harmful_below_p": None if separation is None else separation[1],
+        "harmful_below": {name: _separation(groups["harmful"], rest) for name, rest in against.items()},
     }
+
+
+def _separation(low: list[float], high: list[float]) -> dict[str, float] | None:
+    tested = below(low, high)
+    return None if tested is None else {"auroc": tested[0], "p": tested[1]}
 
 
 def describe_projections(summary: dict[str, Any]) -> str:
     """One sentence from `projection_by_outcome`'s dict (a Score's, or one read back from sweep.json)."""
-    names = {"refused": "refusals", "other": "other jailbreak replies"}
+    names = {"refused": "refusals", "other": "other jailbreak replies", "judged": "all other judged replies"}
 
     def mean(group: dict[str, Any]) -> str:
         return "–" if group["mean"] is None else f"{group['mean']:.2f}"
 
+    def test(result: dict[str, float] | None) -> str:
+        return "undefined" if result is None else f"{result['auroc']:.2f} (p {result['p']:.2g})"
+
     parts = ", ".join(f"{names.get(g, g)} {mean(v)} (n {v['n']})" for g, v in summary["groups"].items())
-    auroc, p = summary["harmful_below_auroc"], summary["harmful_below_p"]
-    marks = "undefined" if auroc is None else f"AUROC {auroc:.2f} (one-sided Mann–Whitney p {p:.2g})"
-    return f"mean projection of {parts}; a low projection marks harmful replies: {marks}"
+    tests = ", ".join(f"{names.get(g, g)} {test(r)}" for g, r in summary["harmful_below"].items())
+    return (
+        f"mean projection of {parts}; a low projection marks harmful replies (AUROC, one-sided Mann–Whitney p) "
+        f"against {tests}"
+    )
 
 
 def describe(score: Score) -> str:
