@@ -116,7 +116,7 @@ class LocalJudge(Judge):
         params = inspect.signature(model.forward).parameters
         self._takes = {p for p in ("position_ids", "logits_to_keep", "use_cache") if p in params}
         self._cache_name = cache_argument(model)
-        # until a cache says otherwise:
+        # prompts keep their keys and values until a cache turns out not to splice:
         self._reuse = {"position_ids", "use_cache"} <= self._takes and self._cache_name is not None
 
     def prompt_ids(self, prompt: str) -> list[int]:
