@@ -55,20 +55,18 @@ def test_captures_match_encode_and_resume(tiny, tmp_path):
     assert store.count("captures") == 2
 
 
-def test_batches_run_longest_prompt_first_and_cover_every_rollout_once():
-    lengths = [5, 9, 1, 9, 3, 7, 2]
-    batches = longest_first(lengths, 3)
-    assert batches == [[1, 3, 5], [0, 4, 6], [2]]  # ties keep their order
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+def test_batches_run_the_largest_budget_then_the_longest_prompt_first_and_cover_every_rollout_once():
+    sizes = [(64, 5), (64, 9), (256, 1), (64, 9), (256, 3), (64, 7), (64, 2)]
+    batches = longest_first(sizes, 3)
+    assert batches == [[4, 2, 1], [3, 5, 0], [6]]  # ties keep their order
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
     assert longest_first([], 4) == []
 
 
-def test_the_local_backend_generates_the_longest_prompts_first(tiny):
-    chats = [[{"role": "user", "content": "Hi " * n}] for n in (1, 8, 3)]
+def test_the_local_backend_generates_the_largest_rollouts_first(tiny):
+    chats = [[{"role": "user", "content": "Hi " * n}] for n in (1, 8, 3, 2)]
+    budgets = (2, 2, 2, 3)
     backend = LocalBackend(tiny, [0], batch_size=1)
-    done = [
-        r.rollout.id
-        for batch in backend.stream([Rollout.make(f"r{i}", c, Sampling(2)) for i, c in enumerate(chats)])
-        for r in batch
-    ]
-    assert done == ["r1", "r2", "r0"]
+    rollouts = [Rollout.make(f"r{i}", c, Sampling(b)) for i, (c, b) in enumerate(zip(chats, budgets, strict=True))]
+    done = [r.rollout.id for batch in backend.stream(rollouts) for r in batch]
+    assert done == ["r3", "r1", "r2", "r0"]

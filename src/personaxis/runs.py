@@ -66,7 +66,7 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Generation and capture in one pass on a local model, batched by prompt length.
+    """Generation and capture in one pass on a local model, batched by reply budget and prompt length.
 
     `ops` (steering, capping) apply to every rollout; subclasses that pass them say in `identity` what they are, so
     that steered and unsteered samples never share a key.
@@ -94,7 +94,8 @@ class LocalBackend:
 
     def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
         prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
-        for chunk in longest_first([len(p) for p in prompts], self.batch_size):
+        sizes = [(r.sampling.max_new_tokens, len(p)) for r, p in zip(rollouts, prompts, strict=True)]
+        for chunk in longest_first(sizes, self.batch_size):
             outs = generate_batch(
                 self.model,
                 [prompts[i] for i in chunk],
@@ -109,12 +110,13 @@ class LocalBackend:
             ]
 
 
-def longest_first(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Indices in batches of `size` by prompt length (little padding), the longest batch first: one that does not
-    fit in memory fails at the start of a long job, not at its end, and the progress estimate errs long, not short
-    (long prompts tend to want long replies)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start : start + size] for start in range(0, len(order), size)]
+def longest_first(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices in batches, from each rollout's (reply budget, prompt length): the largest budgets first, then the
+    longest prompts. A batch decodes until its longest budget and pads to its longest prompt, so like rows go
+    together; the largest come first so that a batch that does not fit in memory fails at the start of a long job,
+    not at its end, and the estimate of the time left errs long rather than short."""
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True)  # stable: ties keep their order
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def check_backend(backend: Backend, model: ChatModel, layers: Sequence[int], captures: Sequence[str]) -> None:

@@ -165,7 +165,8 @@ class RayBackend:
         lengths: list[int] = [0] * len(rollouts)
         for c, values in self._map("lengths", chunks):
             lengths[c * _LENGTH_CHUNK : c * _LENGTH_CHUNK + len(values)] = values
-        batches = longest_first(lengths, self.options["batch_size"])  # LocalBackend's order and batches
+        sizes = [(r.sampling.max_new_tokens, n) for r, n in zip(rollouts, lengths, strict=True)]
+        batches = longest_first(sizes, self.options["batch_size"])  # LocalBackend's order and batches
         shards = [[rollouts[i] for i in batch] for batch in batches]
         for _, results in self._map("run", shards):
             yield results
