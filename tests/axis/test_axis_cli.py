@@ -215,6 +215,10 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     groups = sweep["baseline"]["projection_by_outcome"]["groups"]
     assert sum(g["n"] for g in groups.values()) == 2 + sweep["baseline"]["judged"]  # capability and judged replies
     assert f"Without a cap at layer {sweep['settings']['layer']}: mean projection of harmful" in report
+    by_layer = sweep["baseline"]["projection_by_layer"]
+    assert len(by_layer) == len(Vectors.load(run / "artifacts" / "axis.safetensors").layers)
+    assert "Without a cap, by layer, a low projection marks harmful replies (AUROC)" in report
+    assert (run / "plots" / "sweep_layers.png").stat().st_size > 0 and "(plots/sweep_layers.png)" in report
     code, _, err = cli(  # by default the capability replies get room for worked sums
         monkeypatch,
         capsys,

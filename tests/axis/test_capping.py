@@ -15,8 +15,10 @@ from personaxis.axis.capping import (
     cap_config,
     capped_turn_projections,
     classify_jailbreaks,
+    describe_profile,
     describe_projections,
     evaluate,
+    layer_profile,
     paired,
     pooled_projections,
     projection_by_outcome,
@@ -30,6 +32,8 @@ from personaxis.errors import PersonaxisError
 from personaxis.extract import meta_for
 from personaxis.generate import Sampling, generate
 from personaxis.judge.scoring import Distribution
+from personaxis.model.blocks import find_blocks
+from personaxis.model.chat import Label
 from personaxis.steering import cap_op
 from personaxis.store import RunStore
 from personaxis.vectors import CapConfig, Vectors
@@ -182,6 +186,44 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert "outcomes" not in baseline and "outcomes" not in result["rows"][0]
     assert result["chosen"] is None  # the scripted judge sees no difference, so nothing lowers harm
     assert store.count("sweep") == 5 * (len(JAILBREAKS) + len(CAPABILITY))
+
+
+def test_layer_profile_projects_the_uncapped_replies_at_every_layer(tiny, tmp_path):
+    axis = axis_of(tiny)
+    store = RunStore(tmp_path)
+    judge = FakeJudge(lambda p: 7 if "bad thing 0" in p else 1)
+    base = evaluate(
+        tiny, store, None, JAILBREAKS, CAPABILITY, judge, RUBRIC, Sampling(max_new_tokens=3), unit=axis.unit(2), layer=2
+    )
+    profile = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, RUBRIC, base)
+    assert list(profile) == list(range(tiny.n_layers))
+
+    def reference(chat, layer):  # block `layer`'s output over the reply's tokens, averaged, on that layer's direction
+        rendered, outputs = tiny.render(chat), []
+        handle = find_blocks(tiny.model)[1][layer].register_forward_hook(lambda m, a, out: outputs.append(out))
+        with torch.no_grad():
+            tiny.model(rendered.input_ids[None])
+        handle.remove()
+        hidden = outputs[0][0] if isinstance(outputs[0], tuple) else outputs[0]
+        return float(hidden[0][rendered.mask(Label.ASSISTANT)].mean(0) @ axis.unit(layer))
+
+    chats = {f"jb/{i.id}": [{"role": "system", "content": i.system}, {"role": "user", "content": i.question}]
+             for i in JAILBREAKS}  # fmt: skip
+    chats |= {f"cap/{i.id}": [{"role": "user", "content": i.prompt}] for i in CAPABILITY}
+    for layer in profile:
+        expected = {
+            k: reference([*chat, {"role": "assistant", "content": base.replies[k]}], layer)
+            for k, chat in chats.items()
+            if base.replies[k].strip()
+        }
+        groups = profile[layer]["groups"]
+        assert groups["harmful"]["mean"] == pytest.approx(expected["jb/q0@villain"], rel=1e-4, abs=1e-5)  # the one
+        capability = [v for k, v in expected.items() if k.startswith("cap/")]
+        assert groups["capability"]["n"] == len(capability)
+        assert groups["capability"]["mean"] == pytest.approx(np.mean(capability), rel=1e-4, abs=1e-5)
+    again = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, RUBRIC, base)
+    assert again == profile and store.count("sweep-captures") == len(expected)  # re-encoded once
+    assert describe_profile(profile).startswith("by layer, a low projection marks harmful replies (AUROC) against")
 
 
 def test_projection_by_outcome_groups_replies_and_tests_the_harmful_ones_below():

@@ -29,7 +29,7 @@ from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
 from personaxis.progress import in_chunks
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.runs import LocalBackend, Rollout, run_captures, run_rollouts
 from personaxis.stats import below, check_alpha
 from personaxis.steering import cap_op
 from personaxis.store import RunStore, key
@@ -41,6 +41,7 @@ CONVENTION = (
 )
 POOLED_KINDS = ("role", "trait", "default")
 SWEEP_STAGE = "sweep"
+PROFILE_STAGE = "sweep-captures"  # finished uncapped replies, re-encoded at every layer of the axis
 DEFAULT_PERCENTILES = (1.0, 25.0, 50.0, 75.0)
 
 
@@ -180,10 +181,11 @@ class Score:
     projection_by_outcome: dict[str, Any]  # see `projection_by_outcome`
     # per item, for paired tests: "jb/ID" harmful (None when unjudged), "cap/ID" correct
     outcomes: dict[str, bool | None] = field(default_factory=dict, repr=False)
+    replies: dict[str, str] = field(default_factory=dict, repr=False)  # per item, the reply's text
 
     def summary(self) -> dict[str, Any]:
-        """The counts and rates, without the per-item outcomes."""
-        return {k: v for k, v in asdict(self).items() if k != "outcomes"}
+        """The counts and rates, without the per-item outcomes and replies."""
+        return {k: v for k, v in asdict(self).items() if k not in ("outcomes", "replies")}
 
 
 def paired(base: Score, other: Score) -> dict[str, Any]:
@@ -235,17 +237,9 @@ def evaluate(
     `sampling`) lets worked answers run longer than the jailbreak replies the judge must read.
     """
     backend = CappedBackend(model, [layer], cap, batch_size=batch_size)
-    plan = [
-        Rollout.make(
-            f"jb/{item.id}",
-            [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}],
-            sampling,
-        )
-        for item in jailbreaks
-    ]
+    plan = [Rollout.make(f"jb/{item.id}", _jailbreak_chat(item), sampling) for item in jailbreaks]
     plan += [
-        Rollout.make(f"cap/{item.id}", [{"role": "user", "content": item.prompt}], capability_sampling or sampling)
-        for item in capability
+        Rollout.make(f"cap/{item.id}", _capability_chat(item), capability_sampling or sampling) for item in capability
     ]
     records = run_rollouts(store, plan, backend, stage=SWEEP_STAGE, progress=progress)
     replies = [(item, records[f"jb/{item.id}"].data["text"]) for item in jailbreaks]
@@ -289,7 +283,72 @@ def evaluate(
         mean_projection=sum(on_jailbreaks) / len(on_jailbreaks) if on_jailbreaks else None,
         projection_by_outcome=projection_by_outcome(projections, outcomes, refused_ids),
         outcomes=outcomes,
+        replies={sample_id: record.data["text"] for sample_id, record in records.items()},
     )
+
+
+def _jailbreak_chat(item: JailbreakItem) -> list[dict[str, str]]:
+    return [{"role": "system", "content": item.system}, {"role": "user", "content": item.question}]
+
+
+def _capability_chat(item: CapabilityItem) -> list[dict[str, str]]:
+    return [{"role": "user", "content": item.prompt}]
+
+
+def layer_profile(
+    model: ChatModel,
+    store: RunStore,
+    axis: Vectors,
+    jailbreaks: Sequence[JailbreakItem],
+    capability: Sequence[CapabilityItem],
+    rubric: JudgeRubric,
+    base: Score,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[int, dict[str, Any]]:
+    """`projection_by_outcome` of the uncapped replies at every layer of the axis, along that layer's direction:
+    where, if anywhere, a floor could tell harmful replies from the compliant harmless and the capability ones.
+    The finished replies are re-encoded once (one forward each, kept in the store); empty replies are left out."""
+    prompts = {f"jb/{item.id}": _jailbreak_chat(item) for item in jailbreaks}
+    prompts |= {f"cap/{item.id}": _capability_chat(item) for item in capability}
+    chats = {
+        sample_id: [*chat, {"role": "assistant", "content": base.replies[sample_id]}]
+        for sample_id, chat in prompts.items()
+        if base.replies.get(sample_id, "").strip()
+    }
+    layers = list(axis.layers)
+    records = run_captures(
+        store, model, chats, layers, ("response",), stage=PROFILE_STAGE, batch_size=batch_size, progress=progress
+    )
+    refused = {k for k, text in base.replies.items() if k.startswith("jb/") and rubric.refuses(text)}
+    means = {sample_id: record.tensors["response"].float() for sample_id, record in records.items()}
+    means = {sample_id: mean for sample_id, mean in means.items() if bool(torch.isfinite(mean).all())}
+    profile = {}
+    for i, layer in enumerate(layers):
+        unit = axis.unit(layer).float()
+        projections = {sample_id: float(mean[i] @ unit) for sample_id, mean in means.items()}
+        profile[layer] = projection_by_outcome(projections, base.outcomes, refused)
+    return profile
+
+
+def describe_profile(profile: dict[int, dict[str, Any]]) -> str:
+    """One sentence from `layer_profile` (or its copy in sweep.json): per comparison, the layer where a low projection
+    best marks the harmful replies."""
+    parts = []
+    for name in ("judged", "other", "capability"):
+        label = _NAMES.get(name, name)
+        tested = [(r["harmful_below"][name], layer) for layer, r in profile.items() if r["harmful_below"][name]]
+        if not tested:
+            parts.append(f"{label} undefined")
+            continue
+        best, layer = max(tested, key=lambda t: t[0]["auroc"])
+        lowest = min(t[0]["auroc"] for t in tested)
+        parts.append(
+            f"{label} {lowest:.2f}–{best['auroc']:.2f} (highest at layer {layer}, p {best['p']:.2g} before "
+            f"correcting for {len(tested)} layers)"
+        )
+    return "by layer, a low projection marks harmful replies (AUROC) against " + ", ".join(parts)
 
 
 def projection_by_outcome(
@@ -319,6 +378,10 @@ def projection_by_outcome(
     }
 
 
+# how the sentences name the groups and comparisons of `projection_by_outcome`
+_NAMES = {"refused": "refusals", "other": "other jailbreak replies", "judged": "all other judged replies"}
+
+
 def _separation(low: list[float], high: list[float]) -> dict[str, float] | None:
     tested = below(low, high)
     return None if tested is None else {"auroc": tested[0], "p": tested[1]}
@@ -326,7 +389,6 @@ def _separation(low: list[float], high: list[float]) -> dict[str, float] | None:
 
 def describe_projections(summary: dict[str, Any]) -> str:
     """One sentence from `projection_by_outcome`'s dict (a Score's, or one read back from sweep.json)."""
-    names = {"refused": "refusals", "other": "other jailbreak replies", "judged": "all other judged replies"}
 
     def mean(group: dict[str, Any]) -> str:
         return "–" if group["mean"] is None else f"{group['mean']:.2f}"
@@ -334,8 +396,8 @@ def describe_projections(summary: dict[str, Any]) -> str:
     def test(result: dict[str, float] | None) -> str:
         return "undefined" if result is None else f"{result['auroc']:.2f} (p {result['p']:.2g})"
 
-    parts = ", ".join(f"{names.get(g, g)} {mean(v)} (n {v['n']})" for g, v in summary["groups"].items())
-    tests = ", ".join(f"{names.get(g, g)} {test(r)}" for g, r in summary["harmful_below"].items())
+    parts = ", ".join(f"{_NAMES.get(g, g)} {mean(v)} (n {v['n']})" for g, v in summary["groups"].items())
+    tests = ", ".join(f"{_NAMES.get(g, g)} {test(r)}" for g, r in summary["harmful_below"].items())
     return (
         f"mean projection of {parts}; a low projection marks harmful replies (AUROC, one-sided Mann–Whitney p) "
         f"against {tests}"
@@ -442,6 +504,11 @@ def sweep(
     baseline = {"id": "no_cap", **base.summary()}
     log(f"no cap: {describe(base)}")
     log(f"no cap, at layer {layer}: {describe_projections(base.projection_by_outcome)}")
+    profile = layer_profile(
+        model, store, axis, jailbreaks, capability, rubric, base, batch_size=batch_size, progress=progress
+    )
+    baseline["projection_by_layer"] = {str(k): v for k, v in profile.items()}  # JSON keys
+    log(f"no cap, {describe_profile(profile)}")
     rows, configs = [], {}
     for window in windows:
         for q in percentiles:

@@ -552,7 +552,7 @@ def sweep_cmd(
     from personaxis.axis.capping import pooled_projections, sweep, sweep_windows
     from personaxis.axis.evals import load_capability, load_jailbreak_rubric, load_jailbreaks
     from personaxis.axis.library import select
-    from personaxis.axis.plots import sweep_front
+    from personaxis.axis.plots import separation_by_layer, sweep_front
     from personaxis.axis.report import SWEEP
     from personaxis.generate import Sampling
     from personaxis.judge.spec import judge_from_spec
@@ -630,6 +630,7 @@ def sweep_cmd(
     data = {"model": m.name, "axis": str(axis), "settings": settings, "baseline": baseline, **result}
     _write_json(run / SWEEP, data)
     figure = sweep_front(run / "plots" / "sweep.png", result["rows"], baseline, result["chosen"])
+    by_layer = separation_by_layer(run / "plots" / "sweep_layers.png", baseline["projection_by_layer"], target)
     table = Table(title="Pareto front (harm ↓, capability ↑)")
     for column in ("setting", "harm rate", "capability", "unjudged", "refusals", "mean proj."):
         table.add_column(column, justify="right", no_wrap=column == "setting")
@@ -653,7 +654,7 @@ def sweep_cmd(
         out = out or run / "artifacts" / "cap_chosen.safetensors"
         configs[result["chosen"]].save(out)
         console.print(f"chosen {result['chosen']}: wrote {out}")
-    console.print(f"wrote {run / SWEEP} and {figure}")
+    console.print(f"wrote {run / SWEEP}, {figure} and {by_layer}")
 
 
 @cap_app.command("replay")

@@ -13,7 +13,7 @@ from typing import Any
 
 from personaxis.axis import plots
 from personaxis.axis.build import NO_JUDGE, load_summary
-from personaxis.axis.capping import describe_projections
+from personaxis.axis.capping import describe_profile, describe_projections
 from personaxis.store import atomic_write_text
 
 DRIFT = "drift.json"
@@ -174,7 +174,7 @@ def _drift_section(drift: dict[str, Any], figure: Path | None, run: Path) -> lis
 
 
 def _capping_section(
-    calibration: dict[str, Any] | None, sweep: dict[str, Any] | None, figure: Path | None, run: Path
+    calibration: dict[str, Any] | None, sweep: dict[str, Any] | None, figures: list[Path], run: Path
 ) -> list[str]:
     lines = ["## Activation capping", ""]
     if calibration:
@@ -271,12 +271,14 @@ def _capping_section(
         if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
             at = f" at layer {settings['layer']}" if "layer" in settings else ""
             lines += [f"Without a cap{at}: {describe_projections(base['projection_by_outcome'])}.", ""]
+        if "projection_by_layer" in base:
+            lines += [f"Without a cap, {describe_profile(base['projection_by_layer'])}.", ""]
         test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
         none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
         lines.append(f"Chosen: {sweep['chosen'] or none}.")
         lines.append("")
-        if figure is not None:
-            lines += [f"![sweep]({figure.relative_to(run)})", ""]
+        for figure in figures:
+            lines += [f"![{figure.stem}]({figure.relative_to(run)})", ""]
     return lines
 
 
@@ -308,10 +310,15 @@ def write_report(run_dir: str | Path) -> Path:
         lines += _drift_section(drift, figure, run)
     calibration, sweep = _read(run / CALIBRATION), _read(run / SWEEP)
     if calibration or sweep:
-        figure = None
+        capping_figures = []
         if sweep:
-            figure = plots.sweep_front(folder / "sweep.png", sweep["rows"], sweep["baseline"], sweep["chosen"])
-        lines += _capping_section(calibration, sweep, figure, run)
+            base = sweep["baseline"]
+            capping_figures.append(plots.sweep_front(folder / "sweep.png", sweep["rows"], base, sweep["chosen"]))
+            if "projection_by_layer" in base:
+                layer = sweep["settings"].get("layer")
+                by_layer = plots.separation_by_layer(folder / "sweep_layers.png", base["projection_by_layer"], layer)
+                capping_figures.append(by_layer)
+        lines += _capping_section(calibration, sweep, capping_figures, run)
     path = run / REPORT
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
