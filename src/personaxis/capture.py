@@ -94,7 +94,7 @@ def iter_means(
     """
     rendered = [chat if isinstance(chat, RenderedChat) else model.render(list(chat)) for chat in chats]
     weights = [_weights(chat, aggregations, f"chat {i + 1}") for i, chat in enumerate(rendered)]
-    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]), reverse=True)  # as `runs.longest_first`
     with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("capturing", total=len(order))
         # On a GPU, batch i + 1 is queued before batch i's results are awaited, so the device never idles while the
