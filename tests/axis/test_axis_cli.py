@@ -185,15 +185,12 @@ def test_calibrate_then_replay_then_steer(monkeypatch, capsys, folder, run, tmp_
 
 
 def test_sweep_small(monkeypatch, capsys, folder, run):
-    code, out, err = cli(
-        monkeypatch,
-        capsys,
-        "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
-        "--percentiles 25 --jailbreaks 2 --capability 2 --max-tokens 2 --dtype float32 --screen --capability-tokens 3",
-        m=folder,
-        axis=run / "artifacts" / "axis.safetensors",
-        run=run,
-    )
+    def small_sweep(options):
+        command = "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 --percentiles 25 "
+        command += "--jailbreaks 2 --max-tokens 2 --dtype float32 --screen " + options
+        return cli(monkeypatch, capsys, command, m=folder, axis=run / "artifacts" / "axis.safetensors", run=run)
+
+    code, out, err = small_sweep("--capability 2 --capability-tokens 3")
     assert code == 0, err
     sweep = json.loads((run / "sweep.json").read_text())
     assert sweep["settings"]["jailbreaks"] == 2 and len(sweep["rows"]) == 1 and sweep["settings"]["screen"]
@@ -219,15 +216,7 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
     assert len(by_layer) == len(Vectors.load(run / "artifacts" / "axis.safetensors").layers)
     assert "Without a cap, by layer, a low projection marks harmful replies (AUROC)" in report
     assert (run / "plots" / "sweep_layers.png").stat().st_size > 0 and "(plots/sweep_layers.png)" in report
-    code, _, err = cli(  # by default the capability replies get room for worked sums
-        monkeypatch,
-        capsys,
-        "cap sweep -m {m} --axis {axis} --run {run} --windows 2 --positions 1 "
-        "--percentiles 25 --jailbreaks 2 --capability 1 --max-tokens 2 --dtype float32 --screen",
-        m=folder,
-        axis=run / "artifacts" / "axis.safetensors",
-        run=run,
-    )
+    code, _, err = small_sweep("--capability 1")  # by default the capability replies get room for worked sums
     assert code == 0, err
     assert json.loads((run / "sweep.json").read_text())["settings"]["capability_tokens"] == 256
     lengths = [r.data["n_tokens"] for _, r in RunStore(run).items("sweep", tensors=False)]
