@@ -267,7 +267,6 @@ def _capping_section(
                 return f"{r['capability_by_kind'][kind]['correct']}/{r['capability_by_kind'][kind]['graded']}"
 
             lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
-            lines.append("")
         if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
             at = f" at layer {settings['layer']}" if "layer" in settings else ""
             lines += [f"Without a cap{at}: {describe_projections(base['projection_by_outcome'])}.", ""]
