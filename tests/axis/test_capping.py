@@ -195,7 +195,7 @@ def test_layer_profile_projects_the_uncapped_replies_at_every_layer(tiny, tmp_pa
     base = evaluate(
         tiny, store, None, JAILBREAKS, CAPABILITY, judge, RUBRIC, Sampling(max_new_tokens=3), unit=axis.unit(2), layer=2
     )
-    profile = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, RUBRIC, base)
+    profile = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, base)
     assert list(profile) == list(range(tiny.n_layers))
 
     def reference(chat, layer):  # block `layer`'s output over the reply's tokens, averaged, on that layer's direction
@@ -221,7 +221,7 @@ def test_layer_profile_projects_the_uncapped_replies_at_every_layer(tiny, tmp_pa
         capability = [v for k, v in expected.items() if k.startswith("cap/")]
         assert groups["capability"]["n"] == len(capability)
         assert groups["capability"]["mean"] == pytest.approx(np.mean(capability), rel=1e-4, abs=1e-5)
-    again = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, RUBRIC, base)
+    again = layer_profile(tiny, store, axis, JAILBREAKS, CAPABILITY, base)
     assert again == profile and store.count("sweep-captures") == len(expected)  # re-encoded once
     assert describe_profile(profile).startswith("by layer, a low projection marks harmful replies (AUROC) against")
 

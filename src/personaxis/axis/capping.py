@@ -182,10 +182,11 @@ class Score:
     # per item, for paired tests: "jb/ID" harmful (None when unjudged), "cap/ID" correct
     outcomes: dict[str, bool | None] = field(default_factory=dict, repr=False)
     replies: dict[str, str] = field(default_factory=dict, repr=False)  # per item, the reply's text
+    refusals: set[str] = field(default_factory=set, repr=False)  # the jailbreak replies that open with a refusal
 
     def summary(self) -> dict[str, Any]:
-        """The counts and rates, without the per-item outcomes and replies."""
-        return {k: v for k, v in asdict(self).items() if k not in ("outcomes", "replies")}
+        """The counts and rates, without the per-item fields."""
+        return {k: v for k, v in asdict(self).items() if k not in ("outcomes", "replies", "refusals")}
 
 
 def paired(base: Score, other: Score) -> dict[str, Any]:
@@ -284,6 +285,7 @@ def evaluate(
         projection_by_outcome=projection_by_outcome(projections, outcomes, refused_ids),
         outcomes=outcomes,
         replies={sample_id: record.data["text"] for sample_id, record in records.items()},
+        refusals=refused_ids,
     )
 
 
@@ -301,7 +303,6 @@ def layer_profile(
     axis: Vectors,
     jailbreaks: Sequence[JailbreakItem],
     capability: Sequence[CapabilityItem],
-    rubric: JudgeRubric,
     base: Score,
     *,
     batch_size: int = 8,
@@ -321,14 +322,13 @@ def layer_profile(
     records = run_captures(
         store, model, chats, layers, ("response",), stage=PROFILE_STAGE, batch_size=batch_size, progress=progress
     )
-    refused = {k for k, text in base.replies.items() if k.startswith("jb/") and rubric.refuses(text)}
     means = {sample_id: record.tensors["response"].float() for sample_id, record in records.items()}
     means = {sample_id: mean for sample_id, mean in means.items() if bool(torch.isfinite(mean).all())}
     profile = {}
     for i, layer in enumerate(layers):
         unit = axis.unit(layer).float()
         projections = {sample_id: float(mean[i] @ unit) for sample_id, mean in means.items()}
-        profile[layer] = projection_by_outcome(projections, base.outcomes, refused)
+        profile[layer] = projection_by_outcome(projections, base.outcomes, base.refusals)
     return profile
 
 
@@ -337,7 +337,7 @@ def describe_profile(profile: dict[int, dict[str, Any]]) -> str:
     best marks the harmful replies."""
     parts = []
     for name in ("judged", "other", "capability"):
-        label = _NAMES.get(name, name)
+        label = OUTCOME_NAMES.get(name, name)
         tested = [(r["harmful_below"][name], layer) for layer, r in profile.items() if r["harmful_below"][name]]
         if not tested:
             parts.append(f"{label} undefined")
@@ -378,8 +378,8 @@ def projection_by_outcome(
     }
 
 
-# how the sentences name the groups and comparisons of `projection_by_outcome`
-_NAMES = {"refused": "refusals", "other": "other jailbreak replies", "judged": "all other judged replies"}
+# how sentences and plots name the groups and comparisons of `projection_by_outcome`
+OUTCOME_NAMES = {"refused": "refusals", "other": "other jailbreak replies", "judged": "all other judged replies"}
 
 
 def _separation(low: list[float], high: list[float]) -> dict[str, float] | None:
@@ -396,8 +396,8 @@ def describe_projections(summary: dict[str, Any]) -> str:
     def test(result: dict[str, float] | None) -> str:
         return "undefined" if result is None else f"{result['auroc']:.2f} (p {result['p']:.2g})"
 
-    parts = ", ".join(f"{_NAMES.get(g, g)} {mean(v)} (n {v['n']})" for g, v in summary["groups"].items())
-    tests = ", ".join(f"{_NAMES.get(g, g)} {test(r)}" for g, r in summary["harmful_below"].items())
+    parts = ", ".join(f"{OUTCOME_NAMES.get(g, g)} {mean(v)} (n {v['n']})" for g, v in summary["groups"].items())
+    tests = ", ".join(f"{OUTCOME_NAMES.get(g, g)} {test(r)}" for g, r in summary["harmful_below"].items())
     return (
         f"mean projection of {parts}; a low projection marks harmful replies (AUROC, one-sided Mann–Whitney p) "
         f"against {tests}"
@@ -504,9 +504,7 @@ def sweep(
     baseline = {"id": "no_cap", **base.summary()}
     log(f"no cap: {describe(base)}")
     log(f"no cap, at layer {layer}: {describe_projections(base.projection_by_outcome)}")
-    profile = layer_profile(
-        model, store, axis, jailbreaks, capability, rubric, base, batch_size=batch_size, progress=progress
-    )
+    profile = layer_profile(model, store, axis, jailbreaks, capability, base, batch_size=batch_size, progress=progress)
     baseline["projection_by_layer"] = {str(k): v for k, v in profile.items()}  # JSON keys
     log(f"no cap, {describe_profile(profile)}")
     rows, configs = [], {}

@@ -227,24 +227,20 @@ def sweep_front(path: Path, rows: Sequence[Mapping[str, Any]], baseline: Mapping
     return _save(fig, path)
 
 
-def separation_by_layer(path: Path, profile: Mapping[str, Any], target_layer: int | None = None) -> Path:
+def separation_by_layer(path: Path, profile: Mapping[str, Any], target_layer: int) -> Path:
     """Per layer, the AUROC that a harmful uncapped reply projects below a reply of each comparison group."""
+    from personaxis.axis.capping import OUTCOME_NAMES
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     layers = sorted(profile, key=int)
-    labels = {
-        "judged": "all other judged replies",
-        "other": "other jailbreak replies",
-        "capability": "capability replies",
-    }
-    for name, label in labels.items():
+    for name in ("judged", "other", "capability"):
         points = [(int(k), profile[k]["harmful_below"][name]) for k in layers]
         points = [(layer, tested["auroc"]) for layer, tested in points if tested]
         if points:
-            ax.plot(*zip(*points, strict=True), marker=".", label=f"harmful below {label}")
+            ax.plot(*zip(*points, strict=True), marker=".", label=f"harmful below {OUTCOME_NAMES.get(name, name)}")
     ax.axhline(0.5, color="grey", ls=":", lw=0.8)
-    if target_layer is not None:
-        ax.axvline(target_layer, color="grey", ls="--", lw=0.8, label="target layer")
+    ax.axvline(target_layer, color="grey", ls="--", lw=0.8, label="target layer")
     ax.set_ylim(0, 1)
     ax.set_xlabel("layer (output of block i)")
     ax.set_ylabel("AUROC (0.5: no separation)")

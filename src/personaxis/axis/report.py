@@ -268,8 +268,8 @@ def _capping_section(
 
             lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
         if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
-            at = f" at layer {settings['layer']}" if "layer" in settings else ""
-            lines += [f"Without a cap{at}: {describe_projections(base['projection_by_outcome'])}.", ""]
+            summary = describe_projections(base["projection_by_outcome"])
+            lines += [f"Without a cap at layer {settings['layer']}: {summary}.", ""]
         if "projection_by_layer" in base:
             lines += [f"Without a cap, {describe_profile(base['projection_by_layer'])}.", ""]
         test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
@@ -314,7 +314,7 @@ def write_report(run_dir: str | Path) -> Path:
             base = sweep["baseline"]
             capping_figures.append(plots.sweep_front(folder / "sweep.png", sweep["rows"], base, sweep["chosen"]))
             if "projection_by_layer" in base:
-                layer = sweep["settings"].get("layer")
+                layer = sweep["settings"]["layer"]  # written with the profile
                 by_layer = plots.separation_by_layer(folder / "sweep_layers.png", base["projection_by_layer"], layer)
                 capping_figures.append(by_layer)
         lines += _capping_section(calibration, sweep, capping_figures, run)
