@@ -276,17 +276,20 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except PersonaxisError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
+    except typer.TyperException as exc:  # usage: an unknown option, a bad value, a missing argument
+        message = exc.format_message().rstrip(".")
+        if not message:  # a command group called bare: its help is already printed
             sys.exit(2)
-        raise
+        context = getattr(exc, "ctx", None)
+        _fail(message + (f" (see: {context.command_path} --help)" if context is not None else ""))
+
+
+def _fail(message: str) -> None:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(2)

@@ -124,6 +124,25 @@ def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_usage_mistakes_fail_with_one_line(monkeypatch, capsys):
+    """Parsing errors (caught before any command runs) answer like every other mistake: one line, exit code 2."""
+    cases = [
+        (["info", "default", "--bogus"], "No such option: --bogus (see: personaxis info --help)"),
+        (["axis", "steer", "-m", "default", "--strength", "3"], "No such option: --strength"),
+        (["info"], "Missing argument 'model'"),
+        (["generate", "-m", "default", "-p", "hi", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
+        (["cap", "sweep", "--windows"], "'--windows' requires an argument"),
+        (["nosuchcommand"], "No such command 'nosuchcommand'"),
+    ]
+    for args, message in cases:
+        code, _, err = run(monkeypatch, capsys, *args)
+        assert code == 2, (args, err)
+        assert err.startswith("error: ") and message in err, (args, err)
+        assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    code, out, err = run(monkeypatch, capsys, "axis")  # a bare group shows its commands
+    assert code == 2 and "build" in out and "steer" in out and err == ""
+
+
 def test_generate_steers_a_calibrated_trait_by_its_file_alone(monkeypatch, capsys, folder, tmp_path):
     """`--steer FILE` uses the layer and strength `trait calibrate` stored; a file without them is refused."""
     torch.manual_seed(0)
