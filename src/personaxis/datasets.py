@@ -1,13 +1,40 @@
-"""Reading chat datasets: JSONL with one {"messages": [...]} object per line, errors naming the line."""
+"""Reading users' files: chat datasets (JSONL, one {"messages": [...]} object per line) and JSON documents, each
+mistake one line that names the file and where in it."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from personaxis.errors import PersonaxisError
 from personaxis.model.chat import normalize_messages
+
+
+def read_text(path: str | os.PathLike, label: str | None = None) -> str:
+    """A UTF-8 text file, or one line saying why not (missing, not text, unreadable)."""
+    label = label or str(path)
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PersonaxisError(f"{label}: not found") from None
+    except UnicodeDecodeError:
+        raise PersonaxisError(f"{label}: not UTF-8 text") from None
+    except OSError as err:
+        raise PersonaxisError(f"{label}: cannot read ({err.strerror or err})") from None
+
+
+def parse_json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PersonaxisError(f"{label}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def read_json(path: str | os.PathLike, label: str | None = None) -> Any:
+    label = label or str(path)
+    return parse_json(read_text(path, label), label)
 
 
 def read_chats(path: str | os.PathLike, *, need_assistant: bool = False) -> list[list[dict[str, str]]]:

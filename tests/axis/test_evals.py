@@ -285,7 +285,7 @@ def _capability_with(item: dict) -> dict:
 
 
 def test_missing_file_and_invalid_json(tmp_path: Path):
-    assert "cannot read file" in _error(load_capability, tmp_path / "absent.json")
+    assert "absent.json: not found" in _error(load_capability, tmp_path / "absent.json")
     assert "invalid JSON at line 1" in _error(load_capability, _write(tmp_path, '{"items": [}'))
 
 

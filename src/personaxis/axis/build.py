@@ -42,6 +42,7 @@ from personaxis.axis.library import (
     select,
 )
 from personaxis.axis.space import PCA, assistant_axis, cosine, pc1_cosine_by_layer, pca, role_vectors
+from personaxis.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.extract import meta_for
 from personaxis.generate import Sampling
@@ -627,7 +628,4 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / SUMMARY
     if not path.is_file():
         raise PersonaxisError(f"{run_dir} has no {SUMMARY}: run `personaxis axis build --run {run_dir}` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PersonaxisError(f"{path}: invalid JSON ({err.msg})") from None
+    return read_json(path)

@@ -12,7 +12,6 @@ is reported as one `PersonaxisError` line naming the file and the field.
 from __future__ import annotations
 
 import ast
-import json
 import operator
 import re
 import string
@@ -36,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+from personaxis.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 __all__ = [
@@ -618,16 +618,8 @@ def _load(model: type[M], packaged: str, path: str | Path | None) -> M:
             raise PersonaxisError(f"{label}: cannot read packaged data ({err.strerror})") from None
     else:
         label = str(path)
-        try:
-            raw = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise PersonaxisError(f"{label}: cannot read file ({err.strerror or err})") from None
-        except UnicodeDecodeError:
-            raise PersonaxisError(f"{label}: not UTF-8 text") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise PersonaxisError(f"{label}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        raw = read_text(path, label)
+    data = parse_json(raw, label)
     try:
         return model.model_validate(data)
     except ValidationError as err:

@@ -20,7 +20,6 @@ the field (``roles.json: role 'pirate' has 4 prompts, expected 5``), never a val
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -30,6 +29,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from personaxis.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 __all__ = [
@@ -363,18 +363,8 @@ def _read(packaged: str, path: str | Path | None) -> tuple[str, Any]:
             raise PersonaxisError(f"{label}: cannot read packaged data ({err.strerror or err})") from None
     else:
         label = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PersonaxisError(f"{label}: not found") from None
-        except UnicodeDecodeError:
-            raise PersonaxisError(f"{label}: not UTF-8 text") from None
-        except OSError as err:
-            raise PersonaxisError(f"{label}: cannot read ({err.strerror or err})") from None
-    try:
-        return label, json.loads(text)
-    except json.JSONDecodeError as err:
-        raise PersonaxisError(f"{label}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        text = read_text(path, label)
+    return label, parse_json(text, label)
 
 
 def _entries(model: type[M], data: Any, label: str, noun: str) -> list[M]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from personaxis.datasets import read_text
 from personaxis.errors import PersonaxisError
 from personaxis.store import atomic_write_text
 
@@ -34,15 +35,6 @@ def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PersonaxisError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:
-        raise PersonaxisError(f"{path}: cannot read ({e})") from None
-
-
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
     text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     atomic_write_text(path, text)
@@ -50,10 +42,7 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise PersonaxisError(f"{path}: not found") from None
+    lines = read_text(path).splitlines()
     try:
         return [json.loads(line) for line in lines if line.strip()]
     except ValueError as e:

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
+from personaxis.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 N_PAIRS = 5
@@ -116,7 +117,7 @@ def load_trait(name_or_path: str | os.PathLike[str], *, strict: bool = True) -> 
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name_or_path):
         path = Path(name_or_path)
         source = f"trait file {path}"
-        text = _read(path, source)
+        text = read_text(path, source)
     else:
         name = name_or_path
         resource = _packaged() / f"{name}.json"
@@ -127,11 +128,7 @@ def load_trait(name_or_path: str | os.PathLike[str], *, strict: bool = True) -> 
             )
         source = f"trait file {name}.json"
         text = resource.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PersonaxisError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    return parse_trait(data, strict=strict, source=source)
+    return parse_trait(parse_json(text, source), strict=strict, source=source)
 
 
 def parse_trait(data: Any, *, strict: bool = True, source: str = "trait") -> TraitSpec:
@@ -265,14 +262,3 @@ def _packaged() -> Traversable:
 
 def _looks_like_path(text: str) -> bool:
     return text.endswith(".json") or "/" in text or os.sep in text
-
-
-def _read(path: Path, source: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PersonaxisError(f"{source}: not found") from None
-    except UnicodeDecodeError:
-        raise PersonaxisError(f"{source}: not UTF-8 text") from None
-    except OSError as exc:
-        raise PersonaxisError(f"{source}: cannot read ({exc.strerror or exc})") from None

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from personaxis.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.traits import files
 from personaxis.traits.extraction import REASONS
@@ -59,12 +60,12 @@ def write_report(run: str | os.PathLike[str], *, plots: bool = True) -> Path:
                 "this is an upper bound on how well it separates new replies):", "", "![separation](separation.png)",
                 ""]  # fmt: skip
     if (run / files.CALIBRATION).is_file():
-        calibration = files.read_json(run / files.CALIBRATION)
+        calibration = read_json(run / files.CALIBRATION)
         if plots:
             draw.plot_calibration(calibration, run / files.CALIBRATION_PLOT)
         out += _calibration(calibration)
     if (run / files.MONITOR).is_file():
-        monitor = files.read_json(run / files.MONITOR)
+        monitor = read_json(run / files.MONITOR)
         if plots:
             draw.plot_monitor(monitor, run / files.MONITOR_PLOT)
         out += _monitor(monitor)
