@@ -217,13 +217,13 @@ def serve(
     caps: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
     vectors: Annotated[Path | None, typer.Option(help="a folder of vector files, named by file stem")] = None,
     host: Annotated[str, typer.Option(help="bind address; anything but loopback needs --api-key")] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option(envvar="PERSONAXIS_API_KEY")] = None,
     space: Annotated[Path | None, typer.Option(help="persona-space coordinates (JSON) for the dashboard")] = None,
     threshold: Annotated[
         float | None, typer.Option(help="closed loop: cap a conversation once its axis projection falls below")
     ] = None,
-    window: Annotated[int, typer.Option(help="closed loop: how many recent turns are averaged")] = 2,
+    window: Annotated[int, typer.Option(min=1, help="closed loop: how many recent turns are averaged")] = 2,
     dtype: DtypeOpt = "auto",
     max_batch: Annotated[int, typer.Option(min=1, help="requests decoded together at most")] = 16,
     max_queue: Annotated[int, typer.Option(min=0, help="requests waiting at most (more get 429)")] = 64,

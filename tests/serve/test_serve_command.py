@@ -66,3 +66,30 @@ def test_serving_beyond_loopback_needs_a_key(tmp_path):
     assert server.returncode == 2
     assert output.strip().splitlines()[-1].endswith("refusing to serve on 0.0.0.0 without --api-key (only loopback "
                                                     "may go without one)")  # fmt: skip
+
+
+def test_serving_mistakes_fail_in_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    from cli_runner import invoke
+
+    not_json, a_list = tmp_path / "space.json", tmp_path / "list.json"
+    not_json.write_text("{points")
+    a_list.write_text("[]")
+    nothing = str(tmp_path / "no-model-here")  # never reached: each mistake is found first
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        cases = [
+            (["--port", busy], f"cannot listen on 127.0.0.1:{busy}"),
+            (["--port", 70000], "Invalid value for '--port'"),
+            (["--host", "no-such-host.invalid", "--api-key", "k"], "cannot listen on no-such-host.invalid"),
+            (["--space", not_json], f"{not_json}: invalid JSON at line 1, column 2"),
+            (["--space", a_list], "expected a JSON object"),
+            (["--space", tmp_path / "missing.json"], "missing.json: not found"),
+            (["--port", _free_port(), "--threshold", "nan"], "closed loop: threshold must be finite"),
+            (["--window", 0], "Invalid value for '--window'"),
+        ]
+        for args, message in cases:
+            code, _, err = invoke(monkeypatch, capsys, "serve", "--model", nothing, *args)
+            assert code == 2 and message in err, (args, err)
+            assert err.strip().count("\n") == 0 and "no model" not in err, err

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
+import socket
 from pathlib import Path
 
+from personaxis.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.serve.app import Limits, create_app
 from personaxis.serve.loop import ClosedLoop
@@ -36,6 +37,20 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind (host, port) once, as the server will (address reuse on), and say in one line why that fails."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, OverflowError) as err:
+        raise PersonaxisError(f"cannot listen on {host}:{port}: {err}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise PersonaxisError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def run_server(
     model_spec: str,
     host: str = "127.0.0.1",
@@ -60,12 +75,19 @@ def run_server(
 
     if not _loopback(host) and not api_key:
         raise PersonaxisError(f"refusing to serve on {host} without --api-key (only loopback may go without one)")
-    model = load_model(model_spec, dtype=dtype)
+    # every file and setting is checked before the model loads: a mistake costs seconds, not a model's load time
+    _check_can_listen(host, port)
     axis = Vectors.load(axis_path) if axis_path else None
     caps = CapConfig.load(caps_path) if caps_path else None
     vectors = load_vectors_dir(vectors_dir) if vectors_dir else None
-    space = json.loads(Path(space_path).read_text()) if space_path else None
-    policy = ClosedLoop(threshold=threshold, window=window) if threshold is not None else None
+    space = read_json(space_path) if space_path else None
+    if space is not None and not isinstance(space, dict):
+        raise PersonaxisError(f"{space_path}: expected a JSON object (the space.json of an axis build)")
+    try:
+        policy = ClosedLoop(threshold=threshold, window=window) if threshold is not None else None
+    except ValueError as err:
+        raise PersonaxisError(f"closed loop: {err}") from None
+    model = load_model(model_spec, dtype=dtype)
     app = create_app(
         model, axis=axis, caps=caps, vectors=vectors, api_key=api_key, limits=limits, policy=policy, space=space,
         batch_invariant=batch_invariant,
