@@ -74,6 +74,7 @@ def test_serving_mistakes_fail_in_one_line_before_the_model_loads(monkeypatch, c
     not_json, a_list = tmp_path / "space.json", tmp_path / "list.json"
     not_json.write_text("{points")
     a_list.write_text("[]")
+    (tmp_path / "empty").mkdir()
     nothing = str(tmp_path / "no-model-here")  # never reached: each mistake is found first
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -87,6 +88,7 @@ def test_serving_mistakes_fail_in_one_line_before_the_model_loads(monkeypatch, c
             (["--space", a_list], "expected a JSON object"),
             (["--space", tmp_path / "missing.json"], "missing.json: not found"),
             (["--port", _free_port(), "--threshold", "nan"], "closed loop: threshold must be finite"),
+            (["--vectors", tmp_path / "empty"], "holds no vector files"),
             (["--window", 0], "Invalid value for '--window'"),
         ]
         for args, message in cases:

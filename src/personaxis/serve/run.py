@@ -27,6 +27,8 @@ def load_vectors_dir(path: str | os.PathLike[str]) -> dict:
         except PersonaxisError as exc:
             if "cap artifact" not in str(exc):
                 raise
+    if not out:
+        raise PersonaxisError(f"{folder} holds no vector files (*.safetensors)")
     return out
 
 
