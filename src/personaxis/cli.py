@@ -179,21 +179,30 @@ def export_gguf_cmd(
 
 @app.command("import")
 def import_cmd(
-    source: Annotated[Path, typer.Argument(help="a reference .pt file or folder, or a control-vector .gguf")],
+    source: Annotated[
+        Path, typer.Argument(help="a reference .pt file (vectors or a capping config) or folder, or a .gguf")
+    ],
     out: Annotated[Path, typer.Option(help="output .safetensors")],
     model_id: Annotated[str | None, typer.Option(help="the model the vectors belong to")] = None,
-    format: Annotated[str | None, typer.Option(help="force a format instead of detecting it")] = None,
+    format: Annotated[
+        str, typer.Option(help="auto, assistant_axis, role_vectors or persona_vectors (a bare tensor's layout)")
+    ] = "auto",
+    n_layers: Annotated[
+        int | None, typer.Option(min=1, help="the model's block count: checks the file, settles a bare tensor")
+    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="which experiment of a capping config to write")] = None,
 ):
-    """Convert reference-format vectors (assistant-axis, persona_vectors, llama.cpp GGUF) into a personaxis artifact."""
-    from personaxis.vectors import import_gguf, import_vectors
+    """Convert reference-format vectors or capping configs (assistant-axis, persona_vectors) or a llama.cpp control
+    vector into a personaxis artifact."""
+    from personaxis.vectors import import_gguf, import_reference
 
     _check_writable(out)
     if source.suffix == ".gguf":
-        vectors = import_gguf(source)
+        artifact = import_gguf(source)
     else:
-        vectors = import_vectors(source, format=format, model_id=model_id)
-    vectors.save(out)
-    console.print(f"wrote {out}: {vectors!r}")
+        artifact = import_reference(source, format=format, model_id=model_id, n_layers=n_layers, experiment=experiment)
+    artifact.save(out)
+    console.print(f"wrote {out}: {artifact!r}")
 
 
 @app.command()

@@ -73,6 +73,56 @@ def test_generate_steer_project_and_gguf(monkeypatch, capsys, folder, tmp_path):
         torch.testing.assert_close(back.direction(layer), original.direction(layer))
 
 
+def test_import_reference_files_then_use_them(monkeypatch, capsys, folder, tmp_path):
+    """The reference projects' files, written in their layouts, become artifacts the other commands take."""
+    from personaxis.vectors import CapConfig
+
+    g = torch.Generator().manual_seed(0)
+    axis = torch.randn(4, 64, generator=g)
+    torch.save(axis, tmp_path / "assistant_axis.pt")  # a published axis: a bare (blocks, hidden) tensor
+    torch.save(torch.randn(5, 64, generator=g), tmp_path / "mystery.pt")  # rows per hidden state, name says nothing
+    experiments = [
+        {
+            "id": f"layers_{a}:{b}-p0.25",
+            "interventions": [{"vector": f"neg_axis_{i}", "cap": -1.0} for i in range(a, b)],
+        }
+        for a, b in [(1, 3), (2, 4)]
+    ]
+    vectors = {f"neg_axis_{i}": {"layer": i, "vector": -axis[i]} for i in range(4)}
+    torch.save({"vectors": vectors, "experiments": experiments}, tmp_path / "capping_config.pt")
+    out = {name: tmp_path / f"{name}.safetensors" for name in ("axis", "persona", "cap")}
+
+    code, _, err = run(monkeypatch, capsys, "import", tmp_path / "assistant_axis.pt", "--out", out["axis"])
+    assert code == 0, err
+    torch.testing.assert_close(Vectors.load(out["axis"]).direction(2), axis[2])
+    code, _, err = run(monkeypatch, capsys, "import", tmp_path / "mystery.pt", "--out", out["persona"])
+    assert code == 2 and "--n-layers" in err, err
+    code, _, err = run(monkeypatch, capsys, "import", tmp_path / "mystery.pt", "--out", out["persona"], "--n-layers", 4)
+    assert code == 0 and Vectors.load(out["persona"]).meta.method == "import:persona_vectors", err
+
+    config = tmp_path / "capping_config.pt"
+    for args, message in [
+        ([], "name one with --experiment (layers_1:3-p0.25, layers_2:4-p0.25)"),
+        (["--experiment", "layers_9:9-p0.5"], "it has no experiment 'layers_9:9-p0.5'"),
+        (["--format", "onnx"], "unknown format 'onnx'"),
+    ]:
+        code, _, err = run(monkeypatch, capsys, "import", config, "--out", out["cap"], *args)
+        assert code == 2 and message in err, (args, err)
+    code, _, err = run(monkeypatch, capsys, "import", tmp_path / "mystery.pt", "--out", out["cap"], "--experiment", "x")
+    assert code == 2 and "not a capping config" in err
+    assert not out["cap"].exists()
+    code, _, err = run(monkeypatch, capsys, "import", config, "--out", out["cap"], "--experiment", "layers_2:4-p0.25")
+    assert code == 0, err
+    cap = CapConfig.load(out["cap"])
+    assert cap.layers == [2, 3] and cap.kind == "ceiling"
+
+    code, _, err = run(
+        monkeypatch, capsys, "generate", "-m", folder, "-p", "Hello", "--cap", out["cap"], "--project", out["axis"],
+        "--max-tokens", "4",
+    )  # fmt: skip
+    assert code == 0 and "projection" in err, err
+
+
 def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
     chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     bad_line = tmp_path / "bad.jsonl"

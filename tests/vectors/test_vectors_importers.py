@@ -153,7 +153,7 @@ def test_bare_tensor_layout_needs_a_hint(tmp_path):
     states = rand(L + 1, H)
     path = tmp_path / "mystery.pt"
     torch.save(states, path)
-    with pytest.raises(PersonaxisError, match="pass format= or n_layers="):
+    with pytest.raises(PersonaxisError, match=r"say which with format= \(--format\)"):
         import_vectors(path)
     by_count = import_vectors(path, n_layers=L)
     assert by_count.meta.method == "import:persona_vectors"

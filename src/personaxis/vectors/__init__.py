@@ -7,7 +7,7 @@ Layer i is always the output of decoder block i (0-based) = Hugging Face `hidden
 from personaxis.vectors.artifact import VectorMeta, Vectors, config_hash
 from personaxis.vectors.cap import CapConfig, CapKind, CapMeta
 from personaxis.vectors.gguf_io import export_gguf, import_gguf
-from personaxis.vectors.importers import import_capping_config, import_vectors, load_pt
+from personaxis.vectors.importers import import_capping_config, import_reference, import_vectors, load_pt
 
 __all__ = [
     "CapConfig",
@@ -18,6 +18,7 @@ __all__ = [
     "config_hash",
     "export_gguf",
     "import_capping_config",
+    "import_reference",
     "import_gguf",
     "import_vectors",
     "load_pt",

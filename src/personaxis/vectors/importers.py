@@ -39,7 +39,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -119,7 +119,7 @@ def _vector(path: Path, name: object, value: Any) -> torch.Tensor:
 
 def _detect(path: Path, obj: Any, n_layers: int | None) -> Format:
     if isinstance(obj, dict):
-        if "vectors" in obj and "experiments" in obj:
+        if _is_capping(obj):
             raise PersonaxisError(f"{path} is a capping config: use import_capping_config")
         if "axis" in obj:
             return "assistant_axis"
@@ -138,7 +138,8 @@ def _detect(path: Path, obj: Any, n_layers: int | None) -> Format:
             return "persona_vectors"
         raise PersonaxisError(
             f"cannot tell whether {path} ({obj.shape[0]} rows) has one row per block (assistant-axis) or per "
-            "hidden state (persona_vectors, row 0 = embeddings): pass format= or n_layers="
+            "hidden state (persona_vectors, row 0 = embeddings): say which with format= (--format) or the "
+            "model's block count n_layers= (--n-layers)"
         )
     raise PersonaxisError(f"{path} holds {type(obj).__name__}, which is not a known vector layout")
 
@@ -253,20 +254,30 @@ def import_vectors(
     A folder is read as assistant-axis role vectors, one name per file. `n_layers` (the model's block count) both
     checks the file and settles a bare tensor's layout; `model_id` is recorded since the files do not carry it.
     """
+    format = _checked(format)
     path = Path(path)
     if path.is_dir():
         if format not in ("auto", "role_vectors"):
             raise PersonaxisError(f"{path} is a folder: only role_vectors are imported from a folder")
         return _roles(path, model_id, n_layers, name)
-    obj = load_pt(path)
+    return _vectors(path, load_pt(path), format, model_id, n_layers, name)
+
+
+def _checked(format: str) -> Format:
+    if format not in get_args(Format):
+        raise PersonaxisError(f"unknown format {format!r}: use one of {', '.join(get_args(Format))}")
+    return format  # type: ignore[return-value]
+
+
+def _vectors(
+    path: Path, obj: Any, format: Format, model_id: str | None, n_layers: int | None, name: str | None
+) -> Vectors:
     fmt = _detect(path, obj, n_layers) if format == "auto" else format
     if fmt == "assistant_axis":
         return _axis(path, obj, model_id, n_layers, name)
     if fmt == "role_vectors":
         return _roles(path, model_id, n_layers, name)
-    if fmt == "persona_vectors":
-        return _persona(path, obj, model_id, n_layers, name)
-    raise PersonaxisError(f"unknown format {format!r}: use one of auto, assistant_axis, role_vectors, persona_vectors")
+    return _persona(path, obj, model_id, n_layers, name)
 
 
 def _percentile(experiment_id: str) -> float | None:
@@ -283,8 +294,15 @@ def import_capping_config(
     """One ceiling `CapConfig` per experiment id of an assistant-axis capping config (experiments without caps are
     skipped). `n_layers` defaults to one past the highest layer the config names."""
     path = Path(path)
-    obj = load_pt(path)
-    if not (isinstance(obj, dict) and "vectors" in obj and "experiments" in obj):
+    return _capping(path, load_pt(path), model_id, n_layers)
+
+
+def _is_capping(obj: Any) -> bool:
+    return isinstance(obj, dict) and "vectors" in obj and "experiments" in obj
+
+
+def _capping(path: Path, obj: Any, model_id: str | None, n_layers: int | None) -> dict[str, CapConfig]:
+    if not _is_capping(obj):
         raise PersonaxisError(f"{path} is not a capping config (a dict with 'vectors' and 'experiments')")
     try:
         stored = {str(k): (int(v["layer"]), _vector(path, k, v["vector"])) for k, v in obj["vectors"].items()}
@@ -325,3 +343,31 @@ def import_capping_config(
         )
         out[eid] = CapConfig(layers, directions, [plan[i][1] for i in layers], "ceiling", meta)
     return out
+
+
+def import_reference(
+    path: str | os.PathLike[str],
+    *,
+    format: Format = "auto",
+    model_id: str | None = None,
+    n_layers: int | None = None,
+    experiment: str | None = None,
+) -> Vectors | CapConfig:
+    """Whatever reference file `path` is: vectors, or one experiment of a capping config (`experiment`, which may be
+    left out when the config holds only one)."""
+    format, path = _checked(format), Path(path)
+    obj = None if path.is_dir() else load_pt(path)
+    if not _is_capping(obj):
+        if experiment is not None:
+            raise PersonaxisError(f"{path} is not a capping config: it has no experiments to choose from")
+        if obj is None:  # a folder of role vectors
+            return import_vectors(path, format=format, model_id=model_id, n_layers=n_layers)
+        return _vectors(path, obj, format, model_id, n_layers, None)
+    caps = _capping(path, obj, model_id, n_layers)
+    if experiment is None and len(caps) == 1:
+        return next(iter(caps.values()))
+    if experiment not in caps:
+        shown = ", ".join(list(caps)[:8]) + (f", ... ({len(caps)} in all)" if len(caps) > 8 else "")
+        asked = "name one" if experiment is None else f"it has no experiment {experiment!r}"
+        raise PersonaxisError(f"{path} is a capping config: {asked} with --experiment ({shown})")
+    return caps[experiment]
