@@ -36,6 +36,12 @@ def test_extract_calibrate_monitor_report(cli, folder, trait_file, fake_openai, 
     monitor = json.loads((run / files.MONITOR).read_text())
     assert monitor["layer"] == choice["layer"] and monitor["n_points"] >= 16
 
+    before = vectors.read_bytes()  # another trait's commands refuse these vectors and leave them as they were
+    for command in ("calibrate", "monitor-eval"):
+        code, _, err = cli("trait", command, "evil", "--model", folder, "--vectors", vectors, "--dtype", "float32")
+        assert code == 2 and "holds persona vectors for 'pirate', not 'evil'" in err, err
+    assert vectors.read_bytes() == before
+
     code, out, err = cli("trait", "report", run)
     assert code == 0, err
     report = (run / files.REPORT).read_text()

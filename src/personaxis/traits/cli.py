@@ -8,7 +8,7 @@ and only the missing rollouts and judgements are computed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 
 from personaxis.backend_cli import BackendOptions, backend_options, judge_on
 from personaxis.errors import PersonaxisError
+
+if TYPE_CHECKING:
+    from personaxis.traits.library import TraitSpec
 
 trait_app = typer.Typer(
     add_completion=False,
@@ -68,12 +71,20 @@ def _judge(spec: str, store, model, device: str | None = None):
     return judge_from_spec(spec, cache=store, same=model)
 
 
-def _vectors(path: Path, model):
+def _vectors(path: Path, model, trait: TraitSpec | None = None):
+    """The vectors, checked against the model and, for the trait commands, against the trait: calibrating one
+    trait on another's vectors would overwrite their calibration with a meaningless one."""
     from personaxis.vectors import Vectors
 
     vectors = Vectors.load(path)
     for warning in vectors.validate(model):
         err.print(f"[yellow]warning:[/yellow] {warning}")
+    named = vectors.meta.extra.get("trait")
+    named = named.get("name") if isinstance(named, dict) else None
+    if trait is not None and named is not None and named != trait.name:
+        raise PersonaxisError(f"{path} holds persona vectors for {named!r}, not {trait.name!r}")
+    if trait is not None and named is None:
+        err.print(f"[yellow]warning:[/yellow] {path} does not say which trait it is for; using it for {trait.name!r}")
     return vectors
 
 
@@ -205,7 +216,7 @@ def calibrate(
         repetition_max=repetition_max, alpha=alpha, batch_size=batch_size,
     )  # fmt: skip
     m = _load(model, dtype, device)
-    v = _vectors(vectors, m)
+    v = _vectors(vectors, m, spec)
     store = RunStore(run or vectors.parent)
     chosen = parse_layers(layers, m.n_layers) if layers else None
     result = cal.calibrate(m, spec, v, _judge(judge, store, m, device), store, chosen, settings)
@@ -265,7 +276,7 @@ def monitor_eval(
         batch_size=batch_size,
     )  # fmt: skip
     m = _load(model, dtype, device)
-    v = _vectors(vectors, m)
+    v = _vectors(vectors, m, spec)
     store = RunStore(run or vectors.parent)
     samples = vectors.parent / SAMPLES
     examples = mon.examples_from_samples(read_jsonl(samples)) if samples.is_file() else None

@@ -22,8 +22,7 @@ from personaxis.vectors import Vectors
 
 def primary(vectors: Vectors) -> str:
     """The trait's own direction (the response-mean persona vector) among the artifact's directions."""
-    name = vectors.meta.extra.get("primary")
-    return vectors.resolve(name if name in vectors.names else None)
+    return vectors.resolve()  # the only direction, else the one the file declares primary
 
 
 def calibration_choice(vectors: Vectors) -> dict[str, Any] | None:
