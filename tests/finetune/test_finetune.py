@@ -175,6 +175,18 @@ def test_finetune_then_shift_commands(monkeypatch, capsys, folder, tmp_path):
     assert f"Δ at layer 2: {report['delta']:+.4f}" in out
     assert report["delta"] != 0.0
 
+    from personaxis.vectors import Vectors  # a direction under another name: the trait comes from the metadata
+
+    v = Vectors.load(vec)
+    v.meta.extra["trait"] = {"name": "evil", "version": 1, "description": "as `trait extract` records it"}
+    tagged = Vectors(v.layers, {"direction": v.data["evil"]}, v.meta).save(tmp_path / "tagged.st")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "finetune-shift", "--base", folder, "--tuned", adapter, "--trait-vectors", tagged,
+        "--out", shift_json,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(shift_json.read_text())["trait"] == "evil"
+
 
 def test_finetune_commands_bad_inputs(monkeypatch, capsys, folder, tmp_path):
     data = tmp_path / "data.jsonl"

@@ -40,7 +40,8 @@ def _trait(trait: str | None, vectors: Vectors) -> TraitSpec:
     if trait is not None:
         return load_trait(trait, strict=False)
     shipped = set(list_traits())
-    for candidate in (vectors.meta.extra.get("trait"), *vectors.names):
+    named = vectors.meta.extra.get("trait")  # extraction writes {"name", "version", "description"}
+    for candidate in (named.get("name") if isinstance(named, dict) else named, *vectors.names):
         if isinstance(candidate, str) and candidate in shipped:
             return load_trait(candidate)
     raise PersonaxisError("cannot tell which trait these vectors are for: name it with --trait (a name or a .json)")
