@@ -198,6 +198,8 @@ def import_cmd(
 
     _check_writable(out)
     if source.suffix == ".gguf":
+        if format != "auto" or n_layers is not None or experiment is not None:
+            raise PersonaxisError("--format, --n-layers and --experiment are for reference .pt files, not a .gguf")
         artifact = import_gguf(source)
     else:
         artifact = import_reference(source, format=format, model_id=model_id, n_layers=n_layers, experiment=experiment)

@@ -164,6 +164,7 @@ def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
         (["generate", "-m", folder, "-p", "hi", "--steer", "nocolons"], "FILE:LAYER:COEF"),
         (["import", pickle_file, "--out", tmp_path / "x.safetensors"], "refusing"),
         (["import", not_cv, "--out", tmp_path / "x.safetensors"], "control vector"),
+        (["import", not_cv, "--out", tmp_path / "x.safetensors", "--experiment", "a"], "not a .gguf"),
     ]
     for args, message in cases:
         code, _, err = run(monkeypatch, capsys, *args)
