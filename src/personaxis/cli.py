@@ -285,7 +285,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     hf_logging.set_verbosity_error()
     try:
-        app(standalone_mode=False)
+        app(prog_name="personaxis", standalone_mode=False)
     except PersonaxisError as exc:
         _fail(str(exc))
     except typer.Exit as exc:
