@@ -94,6 +94,6 @@ def run_demo(model: ChatModel, out: Path, console: Console, max_tokens: int = 40
     for coef in COEFS:
         ops = [monitor] + ([steer_op(vectors, coef, layer, units="relative")] if coef else [])
         reply = generate(model, probe, Sampling(max_new_tokens=max_tokens), ops=ops)[0]
-        table.add_row(f"{coef:+.1f}", f"{reply.projections['pirate'].nanmean():.2f}", reply.text.replace("\n", " "))
+        table.add_row(f"{coef:+g}", f"{reply.projections['pirate'].nanmean():.2f}", reply.text.replace("\n", " "))
     console.print(table)
     return vectors

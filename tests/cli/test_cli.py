@@ -30,6 +30,21 @@ def test_info(monkeypatch, capsys, folder):
     assert "4 (at model.layers)" in out and "64" in out
 
 
+def test_demo(monkeypatch, capsys, folder, tmp_path):
+    code, out, err = run(
+        monkeypatch, capsys, "demo", "--model", folder, "--out", tmp_path / "demo", "--dtype", "float32"
+    )
+    assert code == 0, err
+    vectors = Vectors.load(tmp_path / "demo" / "pirate.safetensors")
+    assert vectors.names == ["pirate"] and vectors.layers == [0, 1, 2, 3] and vectors.hidden_size == 64
+    assert torch.isfinite(vectors.data["pirate"]).all() and (vectors.data["pirate"].norm(dim=-1) > 0).all()
+    chosen = int(out.split("chosen layer ")[1].split()[0])
+    assert chosen in (1, 2)  # the middle half of a 4-block model
+    assert "3. Steering a plain prompt along it at layer" in out
+    for coef in ("+0 ", "+0.15", "+0.3"):
+        assert coef in out, out
+
+
 def test_extract_mean_and_diff(monkeypatch, capsys, folder, tmp_path):
     chats = write_jsonl(tmp_path / "chats.jsonl", CHATS)
     out = tmp_path / "means.safetensors"
