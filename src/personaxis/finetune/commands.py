@@ -36,12 +36,12 @@ def _err(message: str) -> None:
 def _trait(trait: str | None, vectors: Vectors) -> TraitSpec:
     """The trait named, else the one the vectors say they are (metadata, or a direction named after a shipped trait)."""
     from personaxis.traits.library import list_traits, load_trait
+    from personaxis.traits.steer import named_trait
 
     if trait is not None:
         return load_trait(trait, strict=False)
     shipped = set(list_traits())
-    named = vectors.meta.extra.get("trait")  # extraction writes {"name", "version", "description"}
-    for candidate in (named.get("name") if isinstance(named, dict) else named, *vectors.names):
+    for candidate in (named_trait(vectors), *vectors.names):
         if isinstance(candidate, str) and candidate in shipped:
             return load_trait(candidate)
     raise PersonaxisError("cannot tell which trait these vectors are for: name it with --trait (a name or a .json)")

@@ -74,13 +74,13 @@ def _judge(spec: str, store, model, device: str | None = None):
 def _vectors(path: Path, model, trait: TraitSpec | None = None):
     """The vectors, checked against the model and, for the trait commands, against the trait: calibrating one
     trait on another's vectors would overwrite their calibration with a meaningless one."""
+    from personaxis.traits.steer import named_trait
     from personaxis.vectors import Vectors
 
     vectors = Vectors.load(path)
     for warning in vectors.validate(model):
         err.print(f"[yellow]warning:[/yellow] {warning}")
-    named = vectors.meta.extra.get("trait")
-    named = named.get("name") if isinstance(named, dict) else None
+    named = named_trait(vectors)
     if trait is not None and named is not None and named != trait.name:
         raise PersonaxisError(f"{path} holds persona vectors for {named!r}, not {trait.name!r}")
     if trait is not None and named is None:

@@ -25,6 +25,12 @@ def primary(vectors: Vectors) -> str:
     return vectors.resolve()  # the only direction, else the one the file declares primary
 
 
+def named_trait(vectors: Vectors) -> str | None:
+    """The trait the file says it is for (extraction records {"name", "version", "description"}), if any."""
+    trait = vectors.meta.extra.get("trait")
+    return trait.get("name") if isinstance(trait, dict) else None
+
+
 def calibration_choice(vectors: Vectors) -> dict[str, Any] | None:
     return (vectors.meta.extra.get("calibration") or {}).get("choice")
 
