@@ -59,10 +59,10 @@ class Generation:
     cap_hits: int = 0
 
 
-def stop_token_ids(model: ChatModel) -> set[int]:
+def stop_token_ids(model: ChatModel) -> set[int]:  # or any handle with a tokenizer, render and generation_config
     """End-of-turn ids: the eos ids the model declares plus the token its template puts right after a reply."""
     ids: set[int] = set()
-    for source in (getattr(model.model, "generation_config", None), model.tokenizer):
+    for source in (model.generation_config, model.tokenizer):
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else list(eos or []))
     if model.has_chat_template:

@@ -85,6 +85,10 @@ class ChatModel:
         return self.device.type == "cpu" and supports_rowwise(self.config)
 
     @property
+    def generation_config(self) -> Any:
+        return getattr(self.model, "generation_config", None)
+
+    @property
     def has_chat_template(self) -> bool:
         return has_chat_template(self.tokenizer)
 
