@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from personaxis import finetune, screening
 from personaxis.axis import cli as axis_cli
 from personaxis.errors import PersonaxisError
 from personaxis.traits.cli import register as register_traits
+
+if TYPE_CHECKING:
+    from personaxis.steering import Units
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
@@ -98,11 +101,16 @@ def generate(
     steer: Annotated[
         list[str] | None,
         typer.Option(
-            help="FILE:LAYER:COEF (LAYER may be a:b or i,j), or FILE alone for a calibrated trait's own layer and "
-            "strength; repeatable"
+            help="FILE:LAYER:COEF (LAYER may be a:b or i,j; COEF in --units, or with its unit: 0.15rel, "
+            "4raw), or FILE alone for a calibrated trait's own layer and strength; repeatable"
         ),
     ] = None,
-    units: Annotated[str, typer.Option(help="steering units: raw (c·v) or relative (c·mean_norm·v̂)")] = "raw",
+    units: Annotated[
+        str,
+        typer.Option(
+            help="unit of a STRENGTH given without one: relative (c·mean_norm·v̂; useful 0.05–0.3) or raw (c·v)"
+        ),
+    ] = "relative",
     cap: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
     project: Annotated[list[Path] | None, typer.Option(help="vectors to read projections on; repeatable")] = None,
     max_tokens: int = 128,
@@ -113,53 +121,81 @@ def generate(
     """Reply to one prompt, optionally steered, capped and monitored."""
     from personaxis.datasets import parse_layers
     from personaxis.generate import Sampling, generate_batch, prompt_ids
-    from personaxis.steering import cap_op, project_op, steer_op
-    from personaxis.traits.steer import trait_steer_op
+    from personaxis.steering import cap_op, check_units, describe_strength, project_op, steer_op
+    from personaxis.traits.steer import calibration_choice, trait_steer_op
     from personaxis.vectors import CapConfig, Vectors
 
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
-    parsed = [_parse_steer(s) for s in steer or []]
-    loaded = [(Vectors.load(path), layer, coef) for path, layer, coef in parsed]
+    default_units = check_units(units)
+    parsed = [_parse_steer(s, default_units) for s in steer or []]
+    loaded = [(path, Vectors.load(path), layer, strength) for path, layer, strength in parsed]
     capping = CapConfig.load(cap) if cap else None
-    monitors = [Vectors.load(p) for p in project or []]
+    monitors = [(p, Vectors.load(p)) for p in project or []]
     m = _load(model, dtype)
     ops = []
-    for vectors, layer_spec, coef in loaded:
+    for path, vectors, layer_spec, strength in loaded:
         vectors.validate(m)
-        if layer_spec is None:  # the strength `trait calibrate` chose, in the units it chose them
-            ops.append(trait_steer_op(vectors))
+        if strength is None:  # the strength `trait calibrate` chose, in the units it chose them
+            op = trait_steer_op(vectors)
+            choice = calibration_choice(vectors) or {}
+            coef, chosen_units = float(choice["coef"]), str(choice.get("units", "relative"))
         else:
-            ops.append(steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=units))
+            coef, chosen_units = strength
+            op = steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=chosen_units)
+        ops.append(op)
+        err.print(
+            f"steering with {path.name} at layer(s) {_layer_list(op.layers)}: {describe_strength(coef, chosen_units)}",
+            markup=False, highlight=False,
+        )  # fmt: skip
     if capping is not None:
         capping.validate(m)
         ops.append(cap_op(capping))
-    for vectors in monitors:
+    labels = {}
+    for path, vectors in monitors:
         vectors.validate(m)
-        ops.append(project_op(vectors, label=Path(vectors.meta.extra.get("source", "")).stem or vectors.names[0]))
+        label = Path(vectors.meta.extra.get("source", "")).stem or vectors.names[0]
+        op = project_op(vectors, label=label)
+        labels[label] = (path, op.layers)
+        ops.append(op)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    err.print(f"generating up to {max_tokens} tokens...", markup=False, highlight=False)
     out = generate_batch(m, [prompt_ids(m, messages)], sampling, ops=ops)[0]
     console.print(out.text, markup=False, highlight=False)
     if out.cap_hits:
         err.print(f"[dim]cap moved {out.cap_hits} token×layer activations[/dim]")
     for name, values in out.projections.items():
-        per_token = values.nanmean(dim=-1)
-        err.print(f"[dim]projection '{name}': mean {per_token.nanmean():.3f} over {len(per_token)} reply tokens[/dim]")
+        path, layers = labels.get(name, (None, []))
+        per_layer = values.nanmean(dim=0)  # [layers]: each layer's mean over the reply tokens
+        where = f"{path.name}, " if path is not None else ""
+        err.print(
+            f"projection '{name}' ({where}{len(per_layer)} layer(s)) over {values.shape[0]} reply tokens:", markup=False
+        )
+        for layer, value in zip(layers, per_layer.tolist(), strict=False):
+            err.print(f"  layer {layer}: mean {value:.3f}", markup=False, highlight=False)
 
 
-def _parse_steer(spec: str) -> tuple[Path, str | None, float | None]:
+def _layer_list(layers: list[int]) -> str:
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def _parse_steer(spec: str, default_units: Units) -> tuple[Path, str | None, tuple[float, Units] | None]:
+    from personaxis.steering import parse_strength
+
     if ":" not in spec and spec.endswith(".safetensors"):
         return Path(spec), None, None
     path, sep1, rest = spec.rpartition(":")
     file, sep2, layer = path.rpartition(":")
     if not (sep1 and sep2 and file and layer):
         raise PersonaxisError(
-            f"bad --steer {spec!r}: use FILE:LAYER:COEF (e.g. evil.safetensors:20:2.0) or a calibrated FILE.safetensors"
+            f"bad --steer {spec!r}: use FILE:LAYER:COEF (e.g. evil.safetensors:20:0.15) or a calibrated "
+            "FILE.safetensors"
         )
     try:
-        coef = float(rest)
-    except ValueError:
-        raise PersonaxisError(f"bad --steer {spec!r}: the coefficient {rest!r} is not a number") from None
-    return Path(file), layer, coef
+        return Path(file), layer, parse_strength(rest, default_units)
+    except PersonaxisError as e:
+        raise PersonaxisError(f"bad --steer {spec!r}: {e}") from None
 
 
 @app.command("export-gguf")

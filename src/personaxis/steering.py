@@ -1,12 +1,14 @@
 """From artifacts to engine ops: steer with a vector, cap with a configuration, monitor projections.
 
-These are the few lines every pipeline, the CLI and the server share, so that "coefficient 4 at layer 12" means the
-same thing everywhere. `units="relative"` scales by the layer's mean residual norm stored in the artifact
-(c · mean_norm_i · v̂_i, portable across models); `units="raw"` adds c · v_i as the persona-vectors paper does.
+These are the few lines every pipeline, the CLI and the server share, so that "strength 0.15 at layer 12" means the
+same thing everywhere. The default unit, in Python, on the command line, in the server and on the dashboard, is
+`relative`: c · mean_norm_i · v̂_i, a fraction of the layer's mean residual norm stored in the artifact (portable across
+layers and models; useful strengths are about 0.05–0.3). `units="raw"` adds c · v_i as the persona-vectors paper does.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -18,6 +20,44 @@ from personaxis.model.loading import ChatModel
 from personaxis.vectors import CapConfig, Vectors
 
 Units = Literal["raw", "relative"]
+UNITS: tuple[Units, ...] = ("relative", "raw")
+DEFAULT_UNITS: Units = "relative"
+_SUFFIXES: dict[str, Units] = {"rel": "relative", "relative": "relative", "raw": "raw"}
+
+
+def check_units(units: str) -> Units:
+    """`units` if it is one of the two, else a user error."""
+    if units not in UNITS:
+        raise PersonaxisError(f"units must be 'relative' or 'raw', got {units!r}")
+    return units  # type: ignore[return-value]
+
+
+def parse_strength(text: str, default_units: Units = DEFAULT_UNITS) -> tuple[float, Units]:
+    """A strength as typed by a user: a number, optionally followed by its unit (`0.15`, `0.15rel`, `4.0raw`).
+
+    A suffix that is not a unit (`4.0x`) is refused rather than dropped.
+    """
+    body = text.strip()
+    number, units = body, default_units
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if body.lower().endswith(suffix) and body[: -len(suffix)].strip():
+            number, units = body[: -len(suffix)].strip(), _SUFFIXES[suffix]
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        raise PersonaxisError(
+            f"bad strength {text!r}: give a number, optionally followed by a unit: rel (× the layer's mean residual "
+            "norm, the default) or raw (× the vector as stored), e.g. 0.15 or 0.15rel or 4raw"
+        ) from None
+    if not math.isfinite(value):
+        raise PersonaxisError(f"bad strength {text!r}: it must be finite")
+    return value, units
+
+
+def describe_strength(coef: float, units: str) -> str:
+    """A strength with its unit, as every output prints it: `+0.15 × mean norm (relative)` or `+4 (raw)`."""
+    return f"{coef:+g} × mean norm (relative)" if units == "relative" else f"{coef:+g} × v (raw)"
 
 
 def _layers(vectors: Vectors, layers: int | Iterable[int] | None) -> list[int]:
@@ -34,19 +74,17 @@ def steer_op(
     layers: int | Iterable[int] | None = None,
     *,
     name: str | None = None,
-    units: Units = "raw",
+    units: Units = DEFAULT_UNITS,
     when: When = "all",
     rows: Sequence[int] | None = None,
 ) -> Add:
-    """Add coef·v (raw) or coef·mean_norm·v̂ (relative) at `layers`."""
+    """Add coef·mean_norm·v̂ (relative, the default) or coef·v (raw) at `layers`."""
     chosen = _layers(vectors, layers)
     directions = {layer: vectors.direction(layer, name) for layer in chosen}
-    if units == "raw":
+    if check_units(units) == "raw":
         return Add.scaled(directions, coef, when=when, rows=rows)
-    if units != "relative":
-        raise PersonaxisError(f"units must be 'raw' or 'relative', got {units!r}")
     if not vectors.meta.mean_norms:
-        raise PersonaxisError("these vectors carry no mean residual norms; use raw units")
+        raise PersonaxisError("these vectors carry no mean residual norms; give the strength in raw units")
     return Add.scaled(directions, coef, mean_norms=vectors.meta.mean_norms, when=when, rows=rows)
 
 
@@ -72,6 +110,6 @@ def project_op(
 
 @contextmanager
 def steering(model: ChatModel, *ops: Op) -> Iterator[None]:
-    """`with steering(model, steer_op(v, 4.0, 12)): model.model.generate(...)`: every forward inside is steered."""
+    """`with steering(model, steer_op(v, 0.15, 12)): model.model.generate(...)`: every forward inside is steered."""
     with model.engine.apply(list(ops)):
         yield

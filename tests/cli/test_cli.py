@@ -223,6 +223,14 @@ def test_generate_steers_a_calibrated_trait_by_its_file_alone(monkeypatch, capsy
     explicit = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:1.5", "--units", "relative")[1]
     unsteered = run(monkeypatch, capsys, *base)[1]
     assert alone == explicit != unsteered
+    default = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:1.5")  # relative is the default unit
+    suffixed = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:1.5rel", "--units", "raw")
+    assert default[1] == suffixed[1] == explicit
+    assert "at layer(s) 2: +1.5 × mean norm (relative)" in default[2]
+    raw = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:1.5raw")
+    assert raw[0] == 0 and "+1.5 × v (raw)" in raw[2]
+    code, _, err = run(monkeypatch, capsys, *base, "--steer", f"{calibrated}:2:4.0x")
+    assert code == 2 and "bad strength '4.0x'" in err and err.strip().count("\n") == 0, err
     code, _, err = run(monkeypatch, capsys, *base, "--steer", plain)
     assert code == 2 and "no calibration" in err and err.strip().count("\n") == 0
 

@@ -157,7 +157,7 @@ def test_finetune_then_shift_commands(monkeypatch, capsys, folder, tmp_path):
     adapter = tmp_path / "adapter"
     code, out, err = run_cli(
         monkeypatch, capsys, "finetune", data, "-m", folder, "--out", adapter, "--prevent", vec, "--alpha", 2,
-        "--layers", "all", "--max-steps", 2, "--lr", 1e-2, "--lora-r", 4, "--batch-size", 2,
+        "--units", "raw", "--layers", "all", "--max-steps", 2, "--lr", 1e-2, "--lora-r", 4, "--batch-size", 2,
     )  # fmt: skip
     assert code == 0, err
     assert "trained 2 steps" in out

@@ -122,7 +122,9 @@ def finetune_command(
     out: Annotated[Path, typer.Option(help="new folder for the LoRA adapter and its training config")],
     prevent: Annotated[Path | None, typer.Option(help="vectors to steer along while training (preventative)")] = None,
     alpha: Annotated[float | None, typer.Option(help="steering coefficient for --prevent")] = None,
-    units: Annotated[str, typer.Option(help="raw (α·v) or relative (α·mean_norm·v̂)")] = "raw",
+    units: Annotated[
+        str, typer.Option(help="relative (α·mean_norm·v̂; the paper's raw α = 5 is about 0.25 here) or raw (α·v)")
+    ] = "relative",
     ablate: Annotated[Path | None, typer.Option(help="vectors to ablate while training (CAFT)")] = None,
     layers: Annotated[str | None, typer.Option(help="all, i,j,k or a:b (default: calibrated, else middle)")] = None,
     name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
