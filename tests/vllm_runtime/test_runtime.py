@@ -154,3 +154,17 @@ def test_bad_ops_are_refused_in_one_line_before_anything_runs(runtime):
         assert "\n" not in str(info.value)
     # the engine still serves afterwards
     assert runtime.generate(CHATS[:1], GREEDY)[0].token_ids
+
+
+def test_the_docs_example_runs_as_written(runtime, monkeypatch, capsys):
+    """docs/vllm.md's Python example, with the module's engine standing in for the one it starts."""
+    import re
+    from pathlib import Path
+
+    import personaxis.vllm
+
+    text = (Path(__file__).parents[2] / "docs" / "vllm.md").read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    monkeypatch.setattr(personaxis.vllm, "VLLMModel", lambda *args, **kwargs: runtime, raising=False)
+    exec(compile(example, "docs/vllm.md", "exec"), {})
+    assert capsys.readouterr().out.strip()

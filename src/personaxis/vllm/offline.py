@@ -24,8 +24,8 @@ import torch
 
 from personaxis.engine.ops import Op, Project, Record, validate_ops
 from personaxis.errors import PersonaxisError
-from personaxis.generate import CAPTURES, Generation, Sampling, prompt_ids, stop_token_ids
-from personaxis.model.chat import RenderedChat, has_chat_template, render_chat, supports_system
+from personaxis.generate import CAPTURES, Generation, Sampling, check_request, prompt_ids, stop_token_ids
+from personaxis.model.chat import TokenizerChat
 from personaxis.model.loading import model_name
 from personaxis.vllm import plugin
 from personaxis.vllm.spec import FIELD, forget_ops, register_ops
@@ -59,7 +59,7 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
     return str(path) if path.exists() else str(spec)
 
 
-class VLLMModel:
+class VLLMModel(TokenizerChat):
     """A model served by vLLM's offline `LLM` with personaxis ops per request."""
 
     def __init__(
@@ -114,17 +114,6 @@ class VLLMModel:
     def model_type(self) -> str:
         return str(getattr(self.config, "model_type", "unknown"))
 
-    @property
-    def has_chat_template(self) -> bool:
-        return has_chat_template(self.tokenizer)
-
-    @property
-    def has_system_role(self) -> bool:
-        return supports_system(self.tokenizer)
-
-    def render(self, messages: list[dict[str, str]], **kwargs: Any) -> RenderedChat:
-        return render_chat(self.tokenizer, messages, **kwargs)
-
     # -- generation -------------------------------------------------------------------------------------------------
 
     def generate(
@@ -139,31 +128,10 @@ class VLLMModel:
         progress: bool = False,
     ) -> list[Generation]:
         """As `personaxis.generate.generate`, on vLLM; all chats go to the engine at once and it batches them."""
-        prompts = [prompt_ids(self, chat) for chat in chats]
-        return self.generate_ids(prompts, sampling, ops=ops, row_ops=row_ops, capture_layers=capture_layers,
-                                 captures=captures, progress=progress)  # fmt: skip
-
-    def generate_ids(
-        self,
-        prompts: Sequence[list[int]],
-        sampling: Sampling | Sequence[Sampling] = Sampling(),
-        *,
-        ops: Sequence[Op] = (),
-        row_ops: Sequence[Sequence[Op]] | None = None,
-        capture_layers: Sequence[int] | None = None,
-        captures: Sequence[str] = ("response",),
-        progress: bool = False,
-    ) -> list[Generation]:
         from vllm import SamplingParams
 
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise PersonaxisError("every prompt needs at least one token")
-        bad = [c for c in captures if c not in CAPTURES]
-        if bad:
-            raise PersonaxisError(f"unknown capture {bad[0]!r} (choose from {', '.join(CAPTURES)})")
-        settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
-        if len(settings) != len(prompts):
-            raise PersonaxisError("give one sampling setting per prompt")
+        prompts = [prompt_ids(self, chat) for chat in chats]
+        settings = check_request(prompts, sampling, captures)
         if row_ops is not None and len(row_ops) != len(prompts):
             raise PersonaxisError("row_ops needs one list of ops per chat")
         shared = [replace(op, rows=None) for op in ops]
