@@ -197,3 +197,21 @@ def test_named_vectors_resolve_as_the_server_resolves_them(tmp_path, monkeypatch
     assert [type(op).__name__ for op in resolved.ops] == ["Add", "Project"]
     torch.testing.assert_close(resolved.ops[0].deltas[2], plan.ops[0].deltas[2])
     assert resolved.ops[0].when == "response" and resolved.key is None
+
+
+def test_vllm_missing_or_outside_the_tested_versions_is_one_line():
+    from personaxis.vllm import plugin, require_vllm
+
+    plugin.check_version("0.32.0")
+    plugin.check_version("0.32.7")
+    for version in ("0.31.2", "0.33.0", "1.0.0"):
+        with pytest.raises(PersonaxisError, match="outside the versions personaxis is tested with"):
+            plugin.check_version(version)
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(PersonaxisError, match=r"pip install 'personaxis\[vllm\]'") as info:
+        require_vllm()
+    assert "\n" not in str(info.value)
