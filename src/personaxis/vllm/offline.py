@@ -62,6 +62,8 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
 class VLLMModel(TokenizerChat):
     """A model served by vLLM's offline `LLM` with personaxis ops per request."""
 
+    runtime = "vllm"
+
     def __init__(
         self,
         spec: str | os.PathLike[str],
