@@ -34,7 +34,7 @@ _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (  # name, type, default, help
     ("generator", str, "local", "local; vllm (vLLM in this process, one pass); openai (a server writes replies)"),
     ("base_url", str | None, None, "the server for --generator openai, e.g. http://localhost:8000/v1"),
     ("generator_model", str | None, None, "the server's name for the model (default: --model)"),
-    ("vllm_args", str | None, None, "vLLM engine arguments for --generator vllm, as JSON: '{\"enforce_eager\": true}'"),
+    ("vllm_args", str | None, None, "vLLM engine arguments (with vllm), as JSON: '{\"enforce_eager\": true}'"),
 )
 
 

@@ -102,3 +102,12 @@ def test_every_command_with_generator_vllm_says_what_to_install_before_loading(m
         code, _, err = invoke(monkeypatch, capsys, *args, "--generator", "vllm")
         assert code == 2 and "vLLM is not installed" in err and err.strip().count("\n") == 0, (args, err)
     assert not (tmp_path / "run").exists()
+    serve = [
+        (["--engine", "vllm"], "vLLM is not installed"),
+        (["--engine", "tgi"], "unknown engine 'tgi'"),
+        (["--vllm-args", "{}"], "--vllm-args needs --engine vllm"),
+        (["--engine", "vllm", "--batch-invariant"], "--batch-invariant is a setting of the HF engine"),
+    ]
+    for args, message in serve:
+        code, _, err = invoke(monkeypatch, capsys, "serve", "-m", missing, *args)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, (args, err)

@@ -42,7 +42,8 @@ def _build(hf, runtime, run, calls):
         calls.append(len(chats))
         return generate(chats, *args, **kwargs)
 
-    backend.model = type("Counted", (), {"__getattr__": lambda _, n: getattr(runtime, n), "generate": staticmethod(counted)})()
+    proxy = {"__getattr__": lambda _, name: getattr(runtime, name), "generate": staticmethod(counted)}
+    backend.model = type("Counted", (), proxy)()
     return build_axis(hf, run, CONFIG, roles=ROLES, questions=QUESTIONS, backend=backend, progress=False)
 
 
