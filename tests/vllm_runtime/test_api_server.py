@@ -104,3 +104,26 @@ def test_a_bad_spec_is_its_own_400(server, spec, message):
     assert response.status_code == 400, response.text
     assert message in response.text
     assert chat(server).status_code == 200
+
+
+def _metric(text: str, name: str) -> float:
+    lines = [line for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{")]
+    assert lines, f"{name} not on /metrics"
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+def test_the_workers_telemetry_reaches_the_api_servers_metrics(server):
+    before = httpx.get(f"{server}/metrics").text
+    hits = _metric(before, "personaxis_cap_hits_total")
+    # a floor far above every projection bites on every reply token at each of its 3 layers
+    cap = {"vector": "evil", "layers": [10, 11, 12], "tau": 1000.0}
+    assert chat(server, {"cap": cap, "monitor": ["evil"]}).status_code == 200
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the worker writes its totals once a second
+        text = httpx.get(f"{server}/metrics").text
+        if _metric(text, "personaxis_cap_hits_total") > hits:
+            break
+        time.sleep(0.5)
+    assert _metric(text, "personaxis_cap_hits_total") - hits >= 3
+    assert _metric(text, 'personaxis_requests_with_ops_total{op="cap"}') >= 1
+    assert _metric(text, 'personaxis_turn_projection_count{vector="evil"}') >= 1

@@ -20,7 +20,8 @@ def compiled(default_folder):
 
     model = VLLMModel(default_folder, dtype="float32", enforce_eager=False, max_model_len=1024, max_num_seqs=8)
     assert model.llm.llm_engine.vllm_config.compilation_config.mode != 0  # compiled, not eager
-    return model
+    yield model
+    model.close()
 
 
 def test_compiled_ops_equal_the_hf_runtime(compiled, hf_fp32):

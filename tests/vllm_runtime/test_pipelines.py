@@ -28,10 +28,12 @@ CONFIG = BuildConfig(questions=2, max_tokens=12, judge="none", min_count=1, trai
 def runtime(default_folder):
     from personaxis.vllm import VLLMModel
 
-    return VLLMModel(
+    model = VLLMModel(
         default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=1,
         enable_prefix_caching=False,
     )  # fmt: skip
+    yield model
+    model.close()
 
 
 def _build(hf, runtime, run, calls):

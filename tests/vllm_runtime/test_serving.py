@@ -23,7 +23,9 @@ ASK = [{"role": "user", "content": "Tell me about the sea."}]
 def runtime(default_folder):
     from personaxis.vllm import VLLMModel
 
-    return VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
+    model = VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
+    yield model
+    model.close()
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +135,14 @@ def test_the_closed_loop_caps_a_drifting_conversation(runtime, artifacts):
     assert second["cap"]["source"] == "closed_loop" and second["cap"]["hits"] > 0
 
 
-def test_engine_arguments_vllm_refuses_are_one_line(default_folder):
+def test_engine_arguments_vllm_refuses_are_one_line(runtime, default_folder):
+    """Last in this module: a new engine closes the one before it (one engine runs in a process)."""
     from personaxis.errors import PersonaxisError
     from personaxis.vllm import VLLMModel
 
     with pytest.raises(PersonaxisError, match="vLLM cannot start on .*max_model_len") as info:
         VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=10**6)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PersonaxisError, match="was closed") as info:
+        runtime.generate([ASK])
     assert "\n" not in str(info.value)

@@ -9,12 +9,18 @@ what it read out never leave it.
 Replies match the HF runtime: the prompt is rendered by personaxis (the model's own template), the end-of-turn tokens
 are the HF runtime's, and when a request reads out activations it asks vLLM for one token more than its budget and
 drops it, so the last reply token is run through the model too (as `generate_batch` does).
+
+One engine runs in a process at a time: vLLM's parallel state is global, so an engine shut down later (when it is
+collected) would tear down the state under the one created after it. `close()` (or `with VLLMModel(...) as m:`) shuts
+an engine down now, and creating a `VLLMModel` closes the one before it.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +35,8 @@ from personaxis.model.chat import TokenizerChat
 from personaxis.model.loading import model_name
 from personaxis.vllm import plugin
 from personaxis.vllm.spec import FIELD, forget_ops, register_ops
+
+_LIVE: weakref.WeakSet[VLLMModel] = weakref.WeakSet()
 
 
 def require_vllm() -> Any:
@@ -96,8 +104,12 @@ class VLLMModel(TokenizerChat):
             self.generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:
             self.generation_config = None
+        for other in list(_LIVE):
+            other.close()
+        self._llm = None
+        gc.collect()  # an unreachable engine not yet collected would shut down under the new one
         try:
-            self.llm = vllm.LLM(
+            self._llm = vllm.LLM(
                 folder, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                 enforce_eager=enforce_eager, seed=seed, **llm_kwargs,
             )  # fmt: skip
@@ -112,6 +124,27 @@ class VLLMModel(TokenizerChat):
         self.hidden_size = STATE.info.hidden_size
         self.dtype = self.llm.llm_engine.model_config.dtype
         self._stops = sorted(stop_token_ids(self))
+        _LIVE.add(self)
+
+    @property
+    def llm(self) -> Any:
+        """vLLM's offline `LLM` this model runs on."""
+        if self._llm is None:
+            raise PersonaxisError(f"this VLLMModel of {self.name} was closed (one vLLM engine runs in a process)")
+        return self._llm
+
+    def close(self) -> None:
+        """Shut the engine down now (again is a no-op)."""
+        llm, self._llm = getattr(self, "_llm", None), None
+        _LIVE.discard(self)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> VLLMModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- what ChatModel offers that pipelines use -------------------------------------------------------------------
 

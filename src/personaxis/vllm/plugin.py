@@ -7,7 +7,9 @@ nothing, so installing personaxis never changes a vLLM deployment that does not 
   layer hooks in the worker;
 - gives every request that carries a personaxis spec a prefix-cache salt made from it (`spec.salt`), in the engine
   core where requests are made, so KV computed under other ops (or none) is never reused;
-- checks each spec where vLLM checks sampling parameters, so that a malformed one is the request's own 400.
+- checks each spec where vLLM checks sampling parameters, so that a malformed one is the request's own 400;
+- serves the workers' metrics (cap hits, requests with ops, reply projections) on the API server's `/metrics`
+  (`telemetry`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def register() -> None:
 
     Request.from_engine_core_request = classmethod(from_engine_core_request)
     _check_specs_with_sampling_params()
+    from personaxis.vllm.telemetry import register_collector
+
+    register_collector()
     _registered = True
 
 

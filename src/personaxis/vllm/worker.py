@@ -15,6 +15,7 @@ without personaxis requests is never touched: its outputs are bit-identical to v
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from personaxis.errors import PersonaxisError
 from personaxis.model.blocks import find_blocks
 from personaxis.vllm.spec import Resolver, raw_spec
 from personaxis.vllm.steps import RequestOps, StepPlan
+from personaxis.vllm.telemetry import DIR_ENV, Totals
 
 log = logging.getLogger("personaxis.vllm")
 
@@ -57,6 +59,7 @@ class WorkerState:
         self.refused: set[str] = set()
         self.resolver: Resolver | None = None
         self.info: ModelInfo | None = None
+        self.totals = Totals(os.environ.get(DIR_ENV))  # the HTTP requests' metrics (`telemetry`)
 
     def request_ops(self, req_id: str, cached: Any) -> RequestOps | None:
         """The ops of one request of the batch (resolved on its first step), or None."""
@@ -100,10 +103,13 @@ class WorkerState:
         return StepPlan(chosen, positions, starts[n_reqs])
 
     def finished(self, req_ids: set[str] | None) -> None:
-        """Forget finished requests; in-process ones stay in `by_key` until collected."""
+        """Forget finished requests, counting those served over HTTP in the metrics; in-process ones stay in
+        `by_key` until collected."""
         for req_id in req_ids or ():
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
             self.refused.discard(req_id)
+            if state is not None and state.key is None:
+                self.totals.finished(state)
 
     def collect(self, key: str) -> RequestOps | None:
         """Hand back an in-process request's readouts and forget it (called between steps, by the engine's thread)."""
