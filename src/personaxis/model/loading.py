@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ class ChatModel(TokenizerChat):
     blocks_path: str = ""
     blocks: nn.ModuleList = field(default=None, repr=False)  # type: ignore[assignment]
     _engine: Any = field(default=None, repr=False)
+    runtime: ClassVar[str] = "hf"  # which runtime generates (`personaxis.vllm.VLLMModel` says "vllm")
 
     def __post_init__(self) -> None:
         if self.blocks is None:

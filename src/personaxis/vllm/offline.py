@@ -62,6 +62,8 @@ def model_folder(spec: str | os.PathLike[str]) -> str:
 class VLLMModel(TokenizerChat):
     """A model served by vLLM's offline `LLM` with personaxis ops per request."""
 
+    runtime = "vllm"
+
     def __init__(
         self,
         spec: str | os.PathLike[str],
@@ -94,10 +96,13 @@ class VLLMModel(TokenizerChat):
             self.generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:
             self.generation_config = None
-        self.llm = vllm.LLM(
-            folder, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-            enforce_eager=enforce_eager, seed=seed, **llm_kwargs,
-        )  # fmt: skip
+        try:
+            self.llm = vllm.LLM(
+                folder, dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                enforce_eager=enforce_eager, seed=seed, **llm_kwargs,
+            )  # fmt: skip
+        except (ValueError, TypeError) as exc:  # engine arguments vLLM refuses
+            raise PersonaxisError(f"vLLM cannot start on {folder}: {_first_line(exc)}") from None
         from personaxis.vllm.worker import STATE
 
         if STATE.info is None:
@@ -128,8 +133,6 @@ class VLLMModel(TokenizerChat):
         progress: bool = False,
     ) -> list[Generation]:
         """As `personaxis.generate.generate`, on vLLM; all chats go to the engine at once and it batches them."""
-        from vllm import SamplingParams
-
         prompts = [prompt_ids(self, chat) for chat in chats]
         settings = check_request(prompts, sampling, captures)
         if row_ops is not None and len(row_ops) != len(prompts):
@@ -144,22 +147,10 @@ class VLLMModel(TokenizerChat):
                 if capture_layers:
                     request_ops.append(_capture(len(prompt), capture_layers))
                 readouts = any(isinstance(op, (Project, Record)) for op in request_ops)
-                extra = None
-                if request_ops:
-                    key = uuid.uuid4().hex
-                    register_ops(key, request_ops)
-                    keys.append(key)
-                    # a record of prompt tokens must see them computed, so it shares no cached prefix at all
-                    prompt_read = capture_layers and "prompt" in captures
-                    salt = key if prompt_read else _fingerprint(request_ops)
-                    extra = {FIELD: {"ops": key, "salt": salt}}
-                else:
-                    keys.append(None)
-                params = SamplingParams(
-                    max_tokens=setting.max_new_tokens + (1 if readouts else 0),
-                    temperature=setting.temperature, top_p=setting.top_p, seed=setting.seed,
-                    stop_token_ids=self._stops, skip_special_tokens=True, extra_args=extra,
-                )  # fmt: skip
+                # a record of prompt tokens must see them computed, so it shares no cached prefix at all
+                prompt_read = bool(capture_layers) and "prompt" in captures
+                params, key = self.request(setting, request_ops, extra_token=readouts, private=prompt_read)
+                keys.append(key)
                 requests.append(({"prompt_token_ids": list(prompt)}, params))
             outputs = self.llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=progress)
             return [
@@ -168,9 +159,34 @@ class VLLMModel(TokenizerChat):
             ]
         finally:
             for key in keys:
-                if key is not None:
-                    forget_ops(key)
-                    self._state.collect(key)
+                self.release(key)
+
+    def request(
+        self, setting: Sampling, ops: Sequence[Op], *, extra_token: bool = False, private: bool = False, **kwargs: Any
+    ) -> tuple[Any, str | None]:
+        """vLLM's `SamplingParams` for one request with `ops` (registered under a fresh key, returned; None without
+        ops; the caller forgets and collects it). `extra_token` asks for one token beyond the budget, so that the
+        last reply token is fed through the model too; `private` shares no cached prefix with any other request."""
+        from vllm import SamplingParams
+
+        extra, key = None, None
+        if ops:
+            key = uuid.uuid4().hex
+            register_ops(key, list(ops))
+            extra = {FIELD: {"ops": key, "salt": key if private else _fingerprint(ops)}}
+        params = SamplingParams(
+            max_tokens=setting.max_new_tokens + (1 if extra_token else 0), temperature=setting.temperature,
+            top_p=setting.top_p, seed=setting.seed, stop_token_ids=self._stops, skip_special_tokens=True,
+            extra_args=extra, **kwargs,
+        )  # fmt: skip
+        return params, key
+
+    def release(self, key: str | None) -> Any:
+        """Forget a request's ops and hand back what it read out (None if it never ran)."""
+        if key is None:
+            return None
+        forget_ops(key)
+        return self._state.collect(key)
 
     def _result(
         self,
@@ -190,7 +206,7 @@ class VLLMModel(TokenizerChat):
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             finish_reason=finish,
         )
-        state = self._state.collect(key) if key is not None else None
+        state = self.release(key)
         if state is None:
             return generation
         generation.cap_hits = state.cap_hits
@@ -202,6 +218,17 @@ class VLLMModel(TokenizerChat):
             if isinstance(op, Project):
                 generation.projections[op.name] = state.projection_series(op.name, positions)
         return generation
+
+
+def _first_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)  # pydantic: the first error's message, not the summary line
+    if callable(errors):
+        try:
+            return str(errors()[0].get("msg", exc)).splitlines()[0]
+        except (IndexError, TypeError, AttributeError):
+            pass
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _capture(prompt_len: int, layers: Sequence[int]) -> Record:

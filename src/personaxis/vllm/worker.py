@@ -106,7 +106,12 @@ class WorkerState:
             self.refused.discard(req_id)
 
     def collect(self, key: str) -> RequestOps | None:
-        return self.by_key.pop(key, None)
+        """Hand back an in-process request's readouts and forget it (called between steps, by the engine's thread)."""
+        state = self.by_key.pop(key, None)
+        if state is not None:
+            for req_id in [r for r, s in self.requests.items() if s is state]:
+                del self.requests[req_id]
+        return state
 
 
 STATE = WorkerState()
