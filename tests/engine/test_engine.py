@@ -181,6 +181,18 @@ def test_project_matches_reference(tiny, ids):
     torch.testing.assert_close(trace.projections("p")[:, :, 0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_projections_of_one_name_on_other_rows_are_one_readout(tiny, ids):
+    """A Project per row under one name (a monitor per request) reads each row with its own direction."""
+    layer, v, w = 2, torch.randn(H), torch.randn(H)
+    h = hidden_states(tiny, ids)[layer + 1]
+    ops = [Project("p", {layer: v}, rows=[0]), Project("p", {layer: w}, rows=[1])]
+    with torch.no_grad(), tiny.engine.apply(ops) as trace:
+        tiny.model.model(input_ids=ids)
+    expected = torch.stack([h[0] @ (v / v.norm()), h[1] @ (w / w.norm())])
+    torch.testing.assert_close(trace.projections("p")[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(trace.latest("p")[:, 0], expected[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_record_streaming_means_and_norms(tiny, ids):
     layers = [0, 2]
     weights = torch.zeros(2, ids.shape[1], 2)

@@ -371,7 +371,11 @@ class Engine:
                         mask = self._token_mask(op, step, state)
                         unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
                         values = F.project(work, unit).masked_fill(~mask, float("nan"))
-                        trace._projections[op.name].setdefault(layer, []).append((step.start, values))
+                        chunks = trace._projections[op.name].setdefault(layer, [])
+                        if chunks and chunks[-1][0] == step.start and chunks[-1][1].shape == values.shape:
+                            # one name on other rows of this forward (a monitor per request): one readout
+                            values = values.where(mask, chunks.pop()[1])
+                        chunks.append((step.start, values))
                     else:
                         total = F.weighted_sum(self._record_weights(op, step, state), work, op.stat)
                         record = trace._records[op.name]
