@@ -28,7 +28,7 @@ from common import bench_model, chats, interleaved, operators_per_step, paired_r
 
 from personaxis.capture import encode_means, iter_means
 from personaxis.engine import Add, Cap
-from personaxis.generate import Sampling, generate_batch, prompt_ids
+from personaxis.generation import Sampling, generate_batch, prompt_ids
 from personaxis.model.chat import Label
 
 

@@ -20,7 +20,7 @@ import torch
 from common import bench_model, chats
 
 from personaxis.capture import encode_means
-from personaxis.generate import Sampling, generate_batch, prompt_ids
+from personaxis.generation import Sampling, generate_batch, prompt_ids
 
 
 def sync(device: str) -> None:

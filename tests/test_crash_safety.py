@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore
 

@@ -3,7 +3,7 @@
 import torch
 
 from personaxis.capture import encode_means
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.runs import LocalBackend, Rollout, longest_first, run_captures, run_rollouts
 from personaxis.store import RunStore
 

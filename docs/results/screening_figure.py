@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.model import load_model
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.screening import read_samples, screen

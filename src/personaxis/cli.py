@@ -121,7 +121,7 @@ def generate(
 ):
     """Reply to one prompt, optionally steered, capped and monitored."""
     from personaxis.datasets import parse_layers
-    from personaxis.generate import Sampling, generate_batch, prompt_ids
+    from personaxis.generation import Sampling, generate_batch, prompt_ids
     from personaxis.steering import cap_op, check_units, describe_strength, project_op, steer_op
     from personaxis.traits.steer import calibration_choice, trait_steer_op
     from personaxis.vectors import CapConfig, Vectors

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from personaxis.extract import meta_for
-from personaxis.generate import Sampling, generate
+from personaxis.generation import Sampling, generate
 from personaxis.model.loading import ChatModel
 from personaxis.steering import project_op, steer_op
 from personaxis.vectors import Vectors

@@ -24,7 +24,7 @@ import torch
 from personaxis.capture import AGGREGATIONS, iter_means
 from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
-from personaxis.generate import CAPTURES, Sampling, generate_batch, prompt_ids
+from personaxis.generation import CAPTURES, Sampling, generate_batch, prompt_ids
 from personaxis.model.loading import ChatModel
 from personaxis.progress import progress_bar
 from personaxis.store import Record, RunStore, key

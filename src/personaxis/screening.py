@@ -31,7 +31,7 @@ from personaxis.errors import PersonaxisError
 if TYPE_CHECKING:
     import torch
 
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.model import ChatModel
     from personaxis.store import RunStore
     from personaxis.vectors import Vectors
@@ -157,7 +157,7 @@ def screen(
     y' come from `generator` when given (vLLM), else from `model`; the captures always from `model`."""
     import torch
 
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.runs import LocalBackend, Rollout, run_captures, run_rollouts
 
     if not samples:
@@ -286,7 +286,7 @@ def screen_command(
     """Rank training samples by ΔP, how far their replies sit along a trait beyond the model's own replies."""
     from rich.console import Console
 
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.model import load_model
     from personaxis.store import RunStore
     from personaxis.vectors import Vectors

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Literal
 
-from personaxis.engine import Ablate, Add, Cap, Op, Project
+from torch import nn
+
+from personaxis.engine import Ablate, Add, Cap, Op, Project, Trace
 from personaxis.engine.ops import When
 from personaxis.errors import PersonaxisError
-from personaxis.model.loading import ChatModel
+from personaxis.model.loading import ChatModel, wrap_model
 from personaxis.vectors import CapConfig, Vectors
 
 Units = Literal["raw", "relative"]
@@ -109,7 +111,55 @@ def project_op(
 
 
 @contextmanager
-def steering(model: ChatModel, *ops: Op) -> Iterator[None]:
-    """`with steering(model, steer_op(v, 0.15, 12)): model.model.generate(...)`: every forward inside is steered."""
-    with model.engine.apply(list(ops)):
-        yield
+def steering(model: ChatModel | nn.Module, *ops: Op) -> Iterator[Trace]:
+    """`with steering(model, steer_op(v, 0.15, 12)): model.model.generate(...)`: every forward inside runs the ops
+    (on a `ChatModel` or a plain Hugging Face model); the trace holds what they read out. Blocks nest."""
+    with wrap_model(model).engine.apply(list(ops)) as trace:
+        yield trace
+
+
+# The notebook face (`px.steer`, `px.cap`, ...): one op each, for any forward or `generate` call inside the block.
+
+
+def steer(
+    model: ChatModel | nn.Module,
+    vectors: Vectors,
+    coef: float,
+    layers: int | Iterable[int] | None = None,
+    *,
+    name: str | None = None,
+    units: Units = DEFAULT_UNITS,
+    when: When = "all",
+) -> AbstractContextManager[Trace]:
+    """`with px.steer(model, vectors, 0.15, 14): ...`: add `steer_op(vectors, coef, layers)` (relative units by
+    default) to every forward inside the block."""
+    return steering(model, steer_op(vectors, coef, layers, name=name, units=units, when=when))
+
+
+def ablate(
+    model: ChatModel | nn.Module,
+    vectors: Vectors,
+    layers: int | Iterable[int] | None = None,
+    *,
+    name: str | None = None,
+) -> AbstractContextManager[Trace]:
+    """`with px.ablate(model, vectors, 14): ...`: remove the direction's component at `layers`."""
+    return steering(model, ablate_op(vectors, layers, name=name))
+
+
+def cap(model: ChatModel | nn.Module, config: CapConfig, *, when: When = "all") -> AbstractContextManager[Trace]:
+    """`with px.cap(model, CapConfig.load(...)): ...`: hold the projection on the config's window at its bound;
+    `trace.cap_hits` counts per row how often it bit."""
+    return steering(model, cap_op(config, when=when))
+
+
+def monitor(
+    model: ChatModel | nn.Module,
+    vectors: Vectors,
+    layers: int | Iterable[int] | None = None,
+    *,
+    name: str | None = None,
+) -> AbstractContextManager[Trace]:
+    """`with px.monitor(model, vectors, 14) as trace: ...`, then `trace.projections(vectors.resolve(name))`: the
+    per-token projections `[B, S, L]` of every forward inside the block (NaN at padding)."""
+    return steering(model, project_op(vectors, layers, name=name))

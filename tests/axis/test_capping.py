@@ -30,7 +30,7 @@ from personaxis.axis.evals import ArithmeticItem, FactItem, JailbreakItem, load_
 from personaxis.engine import Project
 from personaxis.errors import PersonaxisError
 from personaxis.extract import meta_for
-from personaxis.generate import Sampling, generate
+from personaxis.generation import Sampling, generate
 from personaxis.judge.scoring import Distribution
 from personaxis.model.blocks import find_blocks
 from personaxis.model.chat import Label

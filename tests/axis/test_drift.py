@@ -17,7 +17,7 @@ from personaxis.axis.drift import (
 )
 from personaxis.axis.evals import Conversation, load_simulated_user
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.model.chat import Label
 from personaxis.store import RunStore
 

@@ -5,7 +5,7 @@ import torch
 
 from personaxis.axis.capping import cap_config
 from personaxis.engine import Project
-from personaxis.generate import Sampling, generate
+from personaxis.generation import Sampling, generate
 from personaxis.steering import cap_op, project_op
 from personaxis.vectors import import_capping_config, import_vectors
 

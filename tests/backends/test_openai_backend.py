@@ -7,7 +7,7 @@ from backends.helpers import FakeOpenAI, fake_reply
 from personaxis.backends import OpenAIBackend
 from personaxis.capture import encode_means
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.runs import Rollout, run_rollouts
 from personaxis.store import RunStore
 

@@ -8,7 +8,7 @@ from backends.helpers import threads
 
 from personaxis.backends import RayBackend, backend_from_options
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.model import load_model
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore

@@ -5,7 +5,7 @@ import torch
 
 from personaxis.capture import encode_means
 from personaxis.engine import Add, Record
-from personaxis.generate import Sampling, generate, generate_batch, prompt_ids
+from personaxis.generation import Sampling, generate, generate_batch, prompt_ids
 from personaxis.model import Label, load_model
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import torch
 from cli_runner import invoke as run_cli
 
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling, stop_token_ids
+from personaxis.generation import Sampling, stop_token_ids
 from personaxis.model import Label
 from personaxis.screening import Sample, check_output, default_layer, read_samples, screen
 from personaxis.store import RunStore
@@ -102,7 +102,7 @@ def test_resumes_and_another_layer_generates_nothing(tiny, tmp_path, monkeypatch
 
 def test_empty_base_reply_leaves_delta_empty(tiny, tmp_path, monkeypatch):
     import personaxis.runs
-    from personaxis.generate import Generation
+    from personaxis.generation import Generation
 
     def silent(model, prompts, sampling, **kwargs):
         return [Generation(list(p), [], "", "stop") for p in prompts]

@@ -7,7 +7,7 @@ import torch
 
 import personaxis.runs
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling, generate
+from personaxis.generation import Sampling, generate
 from personaxis.stats import rise_p
 from personaxis.store import RunStore
 from personaxis.traits.calibrate import (

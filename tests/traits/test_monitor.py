@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from personaxis.extract import meta_for
-from personaxis.generate import prompt_ids
+from personaxis.generation import prompt_ids
 from personaxis.store import RunStore
 from personaxis.traits.monitor import (
     FEW_SHOT,

@@ -3,7 +3,7 @@
 import torch
 
 from personaxis.engine import Record
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 
 CHATS = [
     [{"role": "user", "content": "Plan my weekend"}],

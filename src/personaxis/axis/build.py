@@ -45,7 +45,7 @@ from personaxis.axis.space import PCA, assistant_axis, cosine, pc1_cosine_by_lay
 from personaxis.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.extract import meta_for
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel

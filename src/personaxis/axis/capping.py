@@ -24,7 +24,7 @@ from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.evals import CapabilityItem, JailbreakItem, JudgeRubric, grade_capability
 from personaxis.axis.space import check_percentile, pareto_front, percentile
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
@@ -579,7 +579,7 @@ def replay(
     Each version keeps its own history (the capped model sees its own earlier capped replies); all chats and both
     versions advance together, one batch per turn.
     """
-    from personaxis.generate import generate
+    from personaxis.generation import generate
 
     op = cap_op(cap)
     scripts = []

@@ -316,7 +316,7 @@ def steer_cmd(
 ):
     """Reply to a prompt steered along the Assistant Axis."""
     from personaxis.datasets import parse_layers
-    from personaxis.generate import Sampling, generate
+    from personaxis.generation import Sampling, generate
     from personaxis.steering import project_op, steer_op
 
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -367,7 +367,7 @@ def drift_cmd(
     from personaxis.axis.evals import load_conversations, load_simulated_user
     from personaxis.axis.plots import drift_trajectories
     from personaxis.axis.report import DRIFT
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.store import RunStore
 
     allowed = ("coding", "writing", "therapy", "philosophy")
@@ -574,7 +574,7 @@ def sweep_cmd(
     from personaxis.axis.library import select
     from personaxis.axis.plots import separation_by_layer, sweep_front
     from personaxis.axis.report import SWEEP
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.judge.spec import judge_from_spec
     from personaxis.stats import check_alpha
 
@@ -697,7 +697,7 @@ def replay_cmd(
     from personaxis.axis.capping import replay
     from personaxis.axis.plots import replay_plot
     from personaxis.datasets import read_chats
-    from personaxis.generate import Sampling
+    from personaxis.generation import Sampling
     from personaxis.vectors import CapConfig
 
     chat_list = read_chats(chats)

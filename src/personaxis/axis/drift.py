@@ -24,7 +24,7 @@ from personaxis.axis.build import sample_seed
 from personaxis.axis.evals import Conversation, SimulatedUserPrompt
 from personaxis.capture import turn_means
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling, generate
+from personaxis.generation import Sampling, generate
 from personaxis.model.loading import ChatModel
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore, key

@@ -56,7 +56,7 @@ class _Replica:
         return self.local.identity()
 
     def lengths(self, rollouts: list[Rollout]) -> list[int]:
-        from personaxis.generate import prompt_ids
+        from personaxis.generation import prompt_ids
 
         return [len(prompt_ids(self.local.model, r.chat)) for r in rollouts]
 

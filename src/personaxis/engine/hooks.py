@@ -153,7 +153,6 @@ class Engine:
 
     def __init__(self, model: ChatModel) -> None:
         self.model = model
-        self._active = False
 
     @contextmanager
     def apply(self, ops: Sequence[Op], *, last_prompt: Sequence[int] | None = None) -> Iterator[Trace]:
@@ -161,14 +160,15 @@ class Engine:
 
         `last_prompt` (the absolute column of each row's last prompt token) is for a caller that resumes decoding a
         cache under a new `apply`: without it the first forward of the block is taken to end the prompt.
+
+        Blocks nest (`px.steer` inside `px.cap`, or a `generate` call inside either): each has its own hooks, phases
+        and trace, and at each layer the outer block's ops run before the inner one's.
         """
         trace = Trace()
         ops = list(ops)
         if not ops:
             yield trace
             return
-        if self._active:
-            raise PersonaxisError("the engine is already running ops on this model; nest the ops in one apply()")
         self._validate(ops)
         by_layer: dict[int, list[Op]] = defaultdict(list)
         for op in ops:
@@ -185,13 +185,11 @@ class Engine:
             handles.append(
                 self.model.blocks[layer].register_forward_hook(self._block_hook(layer, layer_ops, state, trace))
             )
-        self._active = True
         try:
             yield trace
         finally:
             for handle in handles:
                 handle.remove()
-            self._active = False
 
     @contextmanager
     def paired_single_rows(self) -> Iterator[None]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from personaxis.errors import PersonaxisError
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.model import ChatModel, load_model
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore

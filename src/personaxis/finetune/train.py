@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from personaxis import __version__
 from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
-from personaxis.generate import stop_token_ids
+from personaxis.generation import stop_token_ids
 from personaxis.model import ChatModel, Label, RenderedChat
 from personaxis.progress import progress_bar
 from personaxis.store import atomic_write_text, canonical_json

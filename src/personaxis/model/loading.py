@@ -42,7 +42,7 @@ class ChatModel(TokenizerChat):
     def __post_init__(self) -> None:
         if self.blocks is None:
             self.blocks_path, self.blocks = find_blocks(self.model)
-        if getattr(self.tokenizer, "pad_token_id", None) is None:
+        if self.tokenizer is not None and getattr(self.tokenizer, "pad_token_id", None) is None:
             # batching needs a pad id; which one does not matter since padded positions are masked out
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
 
@@ -111,21 +111,36 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def wrap_model(model: nn.Module | ChatModel, tokenizer: Any = None) -> ChatModel:
+    """A `ChatModel` around a Hugging Face model loaded elsewhere (a `ChatModel` is returned as it is). Ops and
+    readouts need no tokenizer; chats and generation do. The model is not changed: hooks live only inside `apply`."""
+    if isinstance(model, ChatModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise PersonaxisError(f"expected a model spec or a torch model, got {type(model).__name__}")
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    return ChatModel(model=model, tokenizer=tokenizer, name=name)
+
+
 def load_model(
-    spec: str | os.PathLike,
+    spec: str | os.PathLike | nn.Module,
     *,
+    tokenizer: Any = None,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> ChatModel:
-    """Load a model from a hub id, a local folder, a `.gguf` file, or an embedded name (`default`, ...).
+    """Load a model from a hub id, a local folder, a `.gguf` file, or an embedded name (`default`, ...); or take one
+    already loaded (a Hugging Face causal LM, with its `tokenizer`) as it is (`wrap_model`).
 
     `device_map="auto"` spreads a large model over several GPUs; hooks then move vectors to each block's device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not isinstance(spec, (str, os.PathLike)):
+        return wrap_model(spec, tokenizer)
     spec = str(spec)
     name = model_name(spec)
     kwargs: dict[str, Any] = {"dtype": _dtype(dtype), "trust_remote_code": trust_remote_code}

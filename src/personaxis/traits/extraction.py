@@ -32,7 +32,7 @@ import torch
 
 from personaxis.errors import PersonaxisError
 from personaxis.extract import meta_for
-from personaxis.generate import Sampling
+from personaxis.generation import Sampling
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
 from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from personaxis.capture import encode_means
-from personaxis.generate import Sampling, generate_batch, prompt_ids
+from personaxis.generation import Sampling, generate_batch, prompt_ids
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
