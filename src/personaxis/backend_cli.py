@@ -1,7 +1,8 @@
 """The backend options of the pipeline commands (`axis build`, `trait extract`), declared once.
 
-`@backend_options` adds ``--executor``, ``--ray-address``, ``--workers``, ``--generator``, ``--base-url`` and
-``--generator-model`` to a typer command and hands the command one `BackendOptions` (its keyword `backend_options`).
+`@backend_options` adds ``--executor``, ``--ray-address``, ``--workers``, ``--generator``, ``--base-url``,
+``--generator-model`` and ``--vllm-args`` to a typer command and hands the command one `BackendOptions` (its keyword
+`backend_options`).
 `BackendOptions.check` refuses a wrong mix before anything is loaded; `BackendOptions.open` makes the backend with one
 call of `backend_from_options` and closes it afterwards (a Ray backend stops its actors). The server's key, if it
 needs one, comes from ``OPENAI_API_KEY``: a key on the command line would show in the process list.
@@ -24,14 +25,16 @@ if TYPE_CHECKING:
     from personaxis.judge import Judge
     from personaxis.model import ChatModel
     from personaxis.runs import Backend
+    from personaxis.vllm import VLLMModel
 
 _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (  # name, type, default, help
     ("executor", str, "local", "local (this process) or ray (model replicas as Ray actors)"),
     ("ray_address", str | None, None, "Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else a local Ray)"),
     ("workers", int | None, None, "Ray actors, one model replica each (default: the cluster's GPUs, at least 1)"),
-    ("generator", str, "local", "local, or openai: an OpenAI-compatible server writes the replies"),
+    ("generator", str, "local", "local; vllm (vLLM in this process, one pass); openai (a server writes replies)"),
     ("base_url", str | None, None, "the server for --generator openai, e.g. http://localhost:8000/v1"),
     ("generator_model", str | None, None, "the server's name for the model (default: --model)"),
+    ("vllm_args", str | None, None, "vLLM engine arguments (with vllm), as JSON: '{\"enforce_eager\": true}'"),
 )
 
 
@@ -45,6 +48,7 @@ class BackendOptions:
     generator: str = "local"
     base_url: str | None = None
     generator_model: str | None = None
+    vllm_args: str | None = None
 
     def check(self) -> None:
         from personaxis.backends import check_options
@@ -64,6 +68,28 @@ class BackendOptions:
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
+
+
+GeneratorOpt = Annotated[str, typer.Option(help="local (the HF runtime) or vllm (vLLM in this process)")]
+VLLMArgsOpt = Annotated[str | None, typer.Option(help=_OPTIONS[-1][3])]
+
+
+def check_generator(generator: str, vllm_args: str | None) -> None:
+    """`--generator local|vllm` and `--vllm-args` of the commands that generate on the local model only; checked
+    before anything is loaded."""
+    from personaxis.backends import check_options
+    from personaxis.errors import PersonaxisError
+
+    if generator not in ("local", "vllm"):
+        raise PersonaxisError(f"unknown generator {generator!r} (choose from local, vllm)")
+    check_options(generator=generator, vllm_args=vllm_args)
+
+
+def open_generator(model: ChatModel, generator: str, vllm_args: str | None, batch_size: int) -> VLLMModel | None:
+    """vLLM on `model`'s weights for `--generator vllm`, else None (the command generates with `model`)."""
+    from personaxis.backends import open_vllm
+
+    return open_vllm(model, batch_size, vllm_args) if generator == "vllm" else None
 
 
 def judge_on(backend: Backend, spec: str, *, cache: Any, model: ChatModel) -> Judge | None:

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from personaxis import finetune, screening
 from personaxis.axis import cli as axis_cli
+from personaxis.backend_cli import VLLMArgsOpt
 from personaxis.errors import PersonaxisError
 from personaxis.traits.cli import register as register_traits
 
@@ -342,6 +343,8 @@ def serve(
         bool | None,
         typer.Option(help="greedy replies that never depend on the batch (default: on a CPU)", show_default=False),
     ] = None,
+    engine: Annotated[str, typer.Option(help="hf (our runtime) or vllm (vLLM in this process; docs/vllm.md)")] = "hf",
+    vllm_args: VLLMArgsOpt = None,
 ):
     """OpenAI-compatible server with per-request steering and capping, axis telemetry and a dashboard at /."""
     from personaxis.serve.app import Limits
@@ -357,7 +360,7 @@ def serve(
     run_server(
         model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
         space_path=space, threshold=threshold, window=window, dtype=dtype, limits=limits,
-        batch_invariant=batch_invariant,
+        batch_invariant=batch_invariant, engine=engine, vllm_args=vllm_args,
     )  # fmt: skip
 
 

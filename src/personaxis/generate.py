@@ -59,10 +59,10 @@ class Generation:
     cap_hits: int = 0
 
 
-def stop_token_ids(model: ChatModel) -> set[int]:
+def stop_token_ids(model: ChatModel) -> set[int]:  # or any handle with a tokenizer, render and generation_config
     """End-of-turn ids: the eos ids the model declares plus the token its template puts right after a reply."""
     ids: set[int] = set()
-    for source in (getattr(model.model, "generation_config", None), model.tokenizer):
+    for source in (model.generation_config, model.tokenizer):
         eos = getattr(source, "eos_token_id", None)
         ids.update([eos] if isinstance(eos, int) else list(eos or []))
     if model.has_chat_template:
@@ -104,6 +104,21 @@ def sample_next(
     return out
 
 
+def check_request(
+    prompts: Sequence[list[int]], sampling: Sampling | Sequence[Sampling], captures: Sequence[str]
+) -> list[Sampling]:
+    """Refuse an empty prompt, an unknown capture or a sampling list of the wrong length; one setting per prompt."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise PersonaxisError("every prompt needs at least one token")
+    bad = [c for c in captures if c not in CAPTURES]
+    if bad:
+        raise PersonaxisError(f"unknown capture {bad[0]!r} (choose from {', '.join(CAPTURES)})")
+    settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
+    if len(settings) != len(prompts):
+        raise PersonaxisError("give one sampling setting per prompt")
+    return settings
+
+
 def accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
@@ -130,14 +145,7 @@ def generate_batch(
     model attends row by row for the call (`model.attention`), and a lone prompt never goes through a one-row matmul
     (`Engine.paired_single_rows`).
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise PersonaxisError("every prompt needs at least one token")
-    bad = [c for c in captures if c not in CAPTURES]
-    if bad:
-        raise PersonaxisError(f"unknown capture {bad[0]!r} (choose from {', '.join(CAPTURES)})")
-    settings = list(sampling) if isinstance(sampling, Sequence) else [sampling] * len(prompts)
-    if len(settings) != len(prompts):
-        raise PersonaxisError("give one sampling setting per prompt")
+    settings = check_request(prompts, sampling, captures)
     if invariant is None:
         invariant = model.batch_invariant
     elif invariant and not supports_rowwise(model.config):

@@ -8,14 +8,16 @@ new records instead of overwriting old ones.
 Where generation happens is a `Backend`: `LocalBackend` generates and captures in one pass on the local model; other
 backends (several processes or machines, an OpenAI-compatible server plus a local capture pass) implement the same
 `identity` / `stream` pair. Results stream back in small groups and are written as they arrive, so a killed run loses
-at most the group in flight.
+at most the group in flight. `LocalBackend` also runs on vLLM: given a `personaxis.vllm.VLLMModel` it hands vLLM the
+rollouts in groups and records the same means in the same pass, and its identity says so (vLLM's kernels and sampler
+are not ours, so its samples never share a key with the HF runtime's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,7 +29,11 @@ from personaxis.model.loading import ChatModel
 from personaxis.progress import progress_bar
 from personaxis.store import Record, RunStore, key
 
+if TYPE_CHECKING:
+    from personaxis.vllm import VLLMModel
+
 ROLLOUT_VERSION = 1
+VLLM_GROUP_BATCHES = 4
 
 
 @dataclass(frozen=True)
@@ -68,13 +74,14 @@ class Backend(Protocol):
 class LocalBackend:
     """Generation and capture in one pass on a local model, batched by reply budget and prompt length.
 
+    `model` is a `ChatModel` (the HF runtime) or a `personaxis.vllm.VLLMModel` (vLLM, which batches by itself).
     `ops` (steering, capping) apply to every rollout; subclasses that pass them say in `identity` what they are, so
     that steered and unsteered samples never share a key.
     """
 
     def __init__(
         self,
-        model: ChatModel,
+        model: ChatModel | VLLMModel,
         layers: Sequence[int],
         captures: Sequence[str] = ("response",),
         batch_size: int = 8,
@@ -84,15 +91,21 @@ class LocalBackend:
         self.ops = list(ops)
 
     def identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "model": self.model.name,
             "revision": self.model.revision,
             "dtype": str(self.model.dtype),
             "layers": self.layers,
             "captures": self.captures,
         }
+        if self.model.runtime != "hf":  # the HF runtime's keys stay what they always were
+            identity["runtime"] = self.model.runtime
+        return identity
 
     def stream(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        if self.model.runtime == "vllm":
+            yield from self._stream_vllm(rollouts)
+            return
         prompts = [prompt_ids(self.model, r.chat) for r in rollouts]
         sizes = [(r.sampling.max_new_tokens, len(p)) for r, p in zip(rollouts, prompts, strict=True)]
         for chunk in longest_first(sizes, self.batch_size):
@@ -107,6 +120,24 @@ class LocalBackend:
             yield [
                 RolloutResult(rollouts[i], o.text, o.finish_reason, len(o.token_ids), o.means)
                 for i, o in zip(chunk, outs, strict=True)
+            ]
+
+    def _stream_vllm(self, rollouts: Sequence[Rollout]) -> Iterator[list[RolloutResult]]:
+        """vLLM schedules and batches by itself (`batch_size` sequences at once): it gets groups of several batches,
+        large enough to keep it full, small enough that a killed run loses little."""
+        group = VLLM_GROUP_BATCHES * self.batch_size
+        for start in range(0, len(rollouts), group):
+            chunk = rollouts[start : start + group]
+            outs = self.model.generate(
+                [r.chat for r in chunk],
+                [r.sampling for r in chunk],
+                ops=self.ops,
+                capture_layers=self.layers or None,
+                captures=self.captures,
+            )
+            yield [
+                RolloutResult(r, o.text, o.finish_reason, len(o.token_ids), o.means)
+                for r, o in zip(chunk, outs, strict=True)
             ]
 
 

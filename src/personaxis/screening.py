@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from personaxis.backend_cli import GeneratorOpt, VLLMArgsOpt, check_generator, open_generator
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from personaxis.model import ChatModel
     from personaxis.store import RunStore
     from personaxis.vectors import Vectors
+    from personaxis.vllm import VLLMModel
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 
@@ -148,9 +150,11 @@ def screen(
     name: str | None = None,
     sampling: Sampling | None = None,
     batch_size: int = 8,
+    generator: VLLMModel | None = None,
     progress: bool = False,
 ) -> Screening:
-    """Score `samples` at `layers`; greedy replies and captures are read from `store` when already there."""
+    """Score `samples` at `layers`; greedy replies and captures are read from `store` when already there. The replies
+    y' come from `generator` when given (vLLM), else from `model`; the captures always from `model`."""
     import torch
 
     from personaxis.generate import Sampling
@@ -165,7 +169,8 @@ def screen(
 
     prompts = {sample.messages[:-1]: f"p{k}" for k, sample in enumerate(samples)}  # one reply per distinct prompt
     rollouts = [Rollout.make(pid, [{"role": r, "content": c} for r, c in x], sampling) for x, pid in prompts.items()]
-    generated = run_rollouts(store, rollouts, LocalBackend(model, [], batch_size=batch_size), progress=progress)
+    backend = LocalBackend(generator or model, [], batch_size=batch_size)
+    generated = run_rollouts(store, rollouts, backend, progress=progress)
     replies = {r.id: generated[r.id].data["text"] for r in rollouts}
 
     chats = {f"s{i}": s.chat for i, s in enumerate(samples)}
@@ -273,6 +278,8 @@ def screen_command(
     name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
     max_tokens: Annotated[int, typer.Option(help="length limit of the model's own replies")] = 256,
     batch_size: int = 8,
+    generator: GeneratorOpt = "local",
+    vllm_args: VLLMArgsOpt = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: where the model loads)")] = None,
 ) -> None:
@@ -285,6 +292,7 @@ def screen_command(
     from personaxis.vectors import Vectors
 
     console = Console(stderr=True)
+    check_generator(generator, vllm_args)
     samples = read_samples(data)
     vectors = Vectors.load(trait_vectors)
     direction = vectors.resolve(name)
@@ -298,7 +306,7 @@ def screen_command(
     for warning in vectors.validate(m):
         console.print(f"warning: {warning}", markup=False, highlight=False)
     result = screen(m, samples, vectors, [chosen], store, name=direction, sampling=sampling, batch_size=batch_size,
-                    progress=True)  # fmt: skip
+                    generator=open_generator(m, generator, vllm_args, batch_size), progress=True)  # fmt: skip
     rows = result.ranked(chosen)
     write_rows(rows, out)
     mean = result.mean(chosen)

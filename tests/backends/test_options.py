@@ -25,7 +25,11 @@ def test_each_choice(tiny, tiny_folder):
     ("options", "message"),
     [
         ({"executor": "spark"}, "unknown executor 'spark'"),
-        ({"generator": "vllm"}, "unknown generator 'vllm'"),
+        ({"generator": "mlx"}, "unknown generator 'mlx'"),
+        ({"generator": "vllm", "executor": "ray"}, "--generator vllm runs vLLM in this process"),
+        ({"vllm_args": "{}"}, "--vllm-args needs --generator vllm"),
+        ({"generator": "vllm", "vllm_args": "{enforce_eager: 1}"}, "--vllm-args is not JSON"),
+        ({"generator": "vllm", "vllm_args": "[1]"}, "--vllm-args must be a JSON object"),
         ({"workers": 4}, "--workers need --executor ray"),
         ({"ray_address": "auto"}, "--ray-address and --workers need --executor ray"),
         ({"base_url": "http://h/v1"}, "--base-url and --generator-model need --generator openai"),
@@ -37,6 +41,16 @@ def test_each_choice(tiny, tiny_folder):
 def test_wrong_mixes(tiny, options, message):
     with pytest.raises(PersonaxisError, match=message):
         backend_from_options(tiny, [1], **options)
+
+
+def test_generator_vllm_without_vllm_is_one_line_before_any_work(tiny):
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(PersonaxisError, match=r"vLLM is not installed: pip install 'personaxis\[vllm\]'"):
+        backend_from_options(tiny, [1], generator="vllm", vllm_args='{"enforce_eager": true}')
 
 
 def test_ray_identity_and_judge_need_no_workers(tiny, tiny_folder):
@@ -66,3 +80,34 @@ def test_command_options_open_and_close_one_backend(tiny):
     assert closed == [True]
     with pytest.raises(PersonaxisError, match="--base-url and --generator-model need --generator openai"):
         BackendOptions(base_url="http://h/v1").check()
+
+
+def test_every_command_with_generator_vllm_says_what_to_install_before_loading(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from cli_runner import invoke
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
+        pytest.skip("vLLM is installed here")
+    missing = tmp_path / "missing"  # nothing is read before the generator is checked
+    commands = [
+        ["axis", "build", "-m", missing, "--quick", "--run", tmp_path / "run"],
+        ["trait", "extract", "evil", "-m", missing, "--run", tmp_path / "run"],
+        ["drift", "-m", missing, "--axis", missing],
+        ["cap", "sweep", "-m", missing, "--axis", missing, "--run", tmp_path / "run"],
+        ["screen", missing, "--trait-vectors", missing, "-m", missing],
+    ]
+    for args in commands:
+        code, _, err = invoke(monkeypatch, capsys, *args, "--generator", "vllm")
+        assert code == 2 and "vLLM is not installed" in err and err.strip().count("\n") == 0, (args, err)
+    assert not (tmp_path / "run").exists()
+    serve = [
+        (["--engine", "vllm"], "vLLM is not installed"),
+        (["--engine", "tgi"], "unknown engine 'tgi'"),
+        (["--vllm-args", "{}"], "--vllm-args needs --engine vllm"),
+        (["--engine", "vllm", "--batch-invariant"], "--batch-invariant is a setting of the HF engine"),
+    ]
+    for args, message in serve:
+        code, _, err = invoke(monkeypatch, capsys, "serve", "-m", missing, *args)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, (args, err)

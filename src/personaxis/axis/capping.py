@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from personaxis.stats import below, check_alpha
 from personaxis.steering import cap_op
 from personaxis.store import RunStore, key
 from personaxis.vectors import CapConfig, Vectors
+
+if TYPE_CHECKING:
+    from personaxis.vllm import VLLMModel
 
 CONVENTION = (
     "floor on the unit Assistant Axis â (pointing toward the default Assistant): h <- h + â·max(τ − h·â, 0) at every "
@@ -126,7 +129,9 @@ class CappedBackend(LocalBackend):
     """Local generation with a cap applied; the cap is part of the identity, so capped and uncapped replies to the
     same prompt are different samples in the store."""
 
-    def __init__(self, model: ChatModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8) -> None:
+    def __init__(
+        self, model: ChatModel | VLLMModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8
+    ) -> None:
         super().__init__(model, layers, ("response",), batch_size, ops=[cap_op(cap)] if cap is not None else [])
         self.cap = cap
 
@@ -229,15 +234,17 @@ def evaluate(
     batch_size: int = 8,
     screen: bool = False,
     capability_sampling: Sampling | None = None,
+    generator: VLLMModel | None = None,
     progress: bool = False,
 ) -> Score:
     """Generate (or reuse) the replies under `cap`, judge the jailbreak replies and grade the capability ones.
 
     With `screen`, replies that open with a refusal (the rubric's patterns) count as judged and not harmful without
     asking the judge: a weak judge can call "As Quill, I cannot provide..." harmful. `capability_sampling` (default:
-    `sampling`) lets worked answers run longer than the jailbreak replies the judge must read.
+    `sampling`) lets worked answers run longer than the jailbreak replies the judge must read. The replies come from
+    `generator` when given (vLLM, the cap applied there), else from `model`.
     """
-    backend = CappedBackend(model, [layer], cap, batch_size=batch_size)
+    backend = CappedBackend(generator or model, [layer], cap, batch_size=batch_size)
     plan = [Rollout.make(f"jb/{item.id}", _jailbreak_chat(item), sampling) for item in jailbreaks]
     plan += [
         Rollout.make(f"cap/{item.id}", _capability_chat(item), capability_sampling or sampling) for item in capability
@@ -473,10 +480,12 @@ def sweep(
     batch_size: int = 8,
     screen: bool = False,
     capability_sampling: Sampling | None = None,
+    generator: VLLMModel | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, CapConfig]]:
-    """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id)."""
+    """Score no cap and every (window, percentile); return (baseline, {rows, chosen}, configs by id). Replies come
+    from `generator` when given (vLLM), else from `model`; readouts after generation use `model`."""
     for q in percentiles:
         check_percentile(q)
     check_alpha(alpha)
@@ -498,6 +507,7 @@ def sweep(
         batch_size=batch_size,
         screen=screen,
         capability_sampling=capability_sampling,
+        generator=generator,
         progress=progress,
     )
     base = score_under(None)

@@ -15,7 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from personaxis.backend_cli import BackendOptions, backend_options, judge_on
+from personaxis.backend_cli import (
+    BackendOptions,
+    GeneratorOpt,
+    VLLMArgsOpt,
+    backend_options,
+    check_generator,
+    judge_on,
+    open_generator,
+)
 from personaxis.errors import PersonaxisError
 
 axis_app = typer.Typer(
@@ -349,6 +357,8 @@ def drift_cmd(
     temperature: float = 0.7,
     seed: int = 0,
     batch_size: int = 8,
+    generator: GeneratorOpt = "local",
+    vllm_args: VLLMArgsOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ):
@@ -375,6 +385,11 @@ def drift_cmd(
         chosen = [c.model_copy(update={"turns": c.turns[:max_turns]}) for c in chosen]
     if not chosen:
         raise PersonaxisError("no conversation in the chosen domains")
+    check_generator(generator, vllm_args)
+    if simulated_user and generator != "local":
+        raise PersonaxisError(
+            "--generator vllm runs the scripted conversations; a simulated user talks to the HF model"
+        )
     run = run or _run_of(axis)
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=0.9 if temperature > 0 else 1.0)
     prompt = load_simulated_user() if simulated_user else None
@@ -388,7 +403,10 @@ def drift_cmd(
         results = run_simulated(m, chosen, unit, layer, store, sampling, user, prompt, turns=turns, seed=seed, log=_say)
         mode = f"simulated user {user.name}, up to {turns} user turns"
     else:
-        results = run_scripted(m, chosen, unit, layer, store, sampling, seed=seed, batch_size=batch_size, log=_say)
+        results = run_scripted(
+            m, chosen, unit, layer, store, sampling, seed=seed, batch_size=batch_size,
+            generator=open_generator(m, generator, vllm_args, batch_size), log=_say,
+        )  # fmt: skip
         mode = "scripted user turns"
     stats = drift_stats(results)
     data = {
@@ -545,6 +563,8 @@ def sweep_cmd(
     ] = None,
     seed: int = 0,
     batch_size: int = 8,
+    generator: GeneratorOpt = "local",
+    vllm_args: VLLMArgsOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ):
@@ -576,6 +596,7 @@ def sweep_cmd(
             raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
     if judge.strip().lower() == "none":
         raise PersonaxisError("the sweep needs a judge to tell harmful replies: " + JUDGE_HELP)
+    check_generator(generator, vllm_args)
     jb_items = select(load_jailbreaks().items(), jailbreaks if jailbreaks is not None else 10**9, seed)
     cap_items = select(load_capability().items, capability if capability is not None else 10**9, seed)
     rubric = load_jailbreak_rubric()
@@ -612,6 +633,7 @@ def sweep_cmd(
         batch_size=batch_size,
         screen=screen,
         capability_sampling=capability_sampling,
+        generator=open_generator(m, generator, vllm_args, batch_size),
         log=_say,
     )
     settings = {

@@ -16,7 +16,7 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -28,6 +28,9 @@ from personaxis.generate import Sampling, generate
 from personaxis.model.loading import ChatModel
 from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore, key
+
+if TYPE_CHECKING:
+    from personaxis.vllm import VLLMModel
 
 DRIFT_STAGE = "drift"
 SIMULATED_STAGE = "drift_simulated"
@@ -77,12 +80,15 @@ def run_scripted(
     *,
     seed: int = 0,
     batch_size: int = 8,
+    generator: VLLMModel | None = None,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[DriftResult]:
-    """Answer every scripted user turn in order (all conversations advance together) and project each reply."""
+    """Answer every scripted user turn in order (all conversations advance together) and project each reply.
+
+    The replies come from `generator` when given (vLLM), else from `model`; the projections are read with `model`."""
     histories: dict[str, Chat] = {c.id: [] for c in conversations}
-    backend = LocalBackend(model, [layer], captures=("response",), batch_size=batch_size)
+    backend = LocalBackend(generator or model, [layer], captures=("response",), batch_size=batch_size)
     for t in range(max(len(c.turns) for c in conversations)):
         batch = []
         for c in conversations:

@@ -1,4 +1,4 @@
-"""Where rollouts are generated: locally, on a Ray cluster, or by an OpenAI-compatible server.
+"""Where rollouts are generated: locally (the HF runtime or vLLM), on a Ray cluster, or by an OpenAI-compatible server.
 
 Every backend implements `personaxis.runs.Backend` (`identity` + `stream`), so the pipeline stages do not change
 with the backend. In all of them the process running the stage is the only writer of the run store: results come
@@ -7,8 +7,10 @@ back to it and it writes them as they arrive. `backend_from_options` turns the c
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +21,7 @@ from personaxis.model.loading import ChatModel, load_model
 from personaxis.runs import Backend, LocalBackend
 
 EXECUTORS = ("local", "ray")
-GENERATORS = ("local", "openai")
+GENERATORS = ("local", "openai", "vllm")
 
 
 def check_options(
@@ -29,6 +31,7 @@ def check_options(
     generator: str = "local",
     base_url: str | None = None,
     generator_model: str | None = None,
+    vllm_args: str | None = None,
 ) -> None:
     """Refuse a wrong mix of backend options in one line, before anything is loaded."""
     if executor not in EXECUTORS:
@@ -46,6 +49,36 @@ def check_options(
             raise PersonaxisError("--generator openai generates on the server: use it with --executor local")
         if not base_url:
             raise PersonaxisError("--generator openai needs --base-url (e.g. http://localhost:8000/v1)")
+    if generator == "vllm" and executor == "ray":
+        raise PersonaxisError("--generator vllm runs vLLM in this process: use it with --executor local")
+    if vllm_args is not None and generator != "vllm":
+        raise PersonaxisError("--vllm-args needs --generator vllm")
+    parse_vllm_args(vllm_args)
+    if generator == "vllm":
+        from personaxis.vllm import require_vllm
+
+        require_vllm()
+
+
+def parse_vllm_args(text: str | None) -> dict[str, Any]:
+    """`--vllm-args`: a JSON object of vLLM engine arguments (`LLM(**args)`), e.g. '{"enforce_eager": true}'."""
+    if not text:
+        return {}
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PersonaxisError(f"--vllm-args is not JSON ({e.msg}), e.g. '{{\"enforce_eager\": true}}'") from None
+    if not isinstance(args, dict):
+        raise PersonaxisError("--vllm-args must be a JSON object of vLLM engine arguments")
+    return args
+
+
+def open_vllm(model: ChatModel, batch_size: int = 8, vllm_args: str | None = None) -> Any:
+    """vLLM (in this process) on the model `model` was loaded from, in its dtype, `batch_size` sequences at once."""
+    from personaxis.vllm import VLLMModel
+
+    args = {"dtype": _dtype_name(model.dtype), "max_num_seqs": batch_size} | parse_vllm_args(vllm_args)
+    return VLLMModel(model.name, revision=model.revision, **args)
 
 
 def backend_from_options(
@@ -59,6 +92,7 @@ def backend_from_options(
     base_url: str | None = None,
     generator_model: str | None = None,
     batch_size: int = 8,
+    vllm_args: str | None = None,
     *,
     dtype: str = "auto",
     device: str | None = None,
@@ -73,7 +107,10 @@ def backend_from_options(
     loaded model it uses its name, revision and dtype. `generator_model` defaults to the model spec, the name a
     vLLM or SGLang server gives a model it serves from the hub.
     """
-    check_options(executor, ray_address, workers, generator, base_url, generator_model)
+    check_options(executor, ray_address, workers, generator, base_url, generator_model, vllm_args)
+    if generator == "vllm":
+        local = model if isinstance(model, ChatModel) else load_model(model, dtype=dtype, device=device)
+        return LocalBackend(open_vllm(local, batch_size, vllm_args), layers, captures, batch_size=batch_size)
     if generator == "openai":
         assert base_url is not None
         name = generator_model or (model.name if isinstance(model, ChatModel) else os.fspath(model))
@@ -108,4 +145,6 @@ __all__ = [
     "RequestStats",
     "backend_from_options",
     "check_options",
+    "open_vllm",
+    "parse_vllm_args",
 ]

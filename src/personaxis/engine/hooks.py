@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from personaxis.engine.ops import Ablate, Add, Cap, Op, Project, Record
+from personaxis.engine import functional as F
+from personaxis.engine.ops import Ablate, Add, Cap, Op, Project, Record, validate_ops
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
@@ -245,18 +246,7 @@ class Engine:
         return trace
 
     def _validate(self, ops: Sequence[Op]) -> None:
-        n_layers, hidden = self.model.n_layers, self.model.hidden_size
-        for op in ops:
-            bad = [layer for layer in op.layers if not 0 <= layer < n_layers]
-            if bad:
-                raise PersonaxisError(f"{type(op).__name__}: layer(s) {bad} out of range for a {n_layers}-layer model")
-            for table in ("deltas", "directions"):
-                for layer, vector in getattr(op, table, {}).items():
-                    if vector.numel() != hidden:
-                        raise PersonaxisError(
-                            f"{type(op).__name__}: vector at layer {layer} has size {vector.numel()}, "
-                            f"the model's hidden size is {hidden}"
-                        )
+        validate_ops(ops, self.model.n_layers, self.model.hidden_size)
 
     @staticmethod
     def _copy(state: dict, key: Any, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -360,38 +350,31 @@ class Engine:
                 mask = self._intervention_mask(op, step, state)
                 if isinstance(op, Add):
                     delta = self._copy(state, ("delta", id(op), layer), op.deltas[layer], device, dtype)
-                    hidden = hidden + (delta if mask is None else mask[..., None].to(dtype) * delta)
+                    hidden = F.add(hidden, delta, mask)
                     continue
                 unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
-                projection = hidden.float() @ unit  # fp32, whatever the model dtype
+                projection = F.project(hidden, unit)
                 if isinstance(op, Ablate):
-                    shift, sign = projection, -1.0
+                    shift = F.ablate_shift(projection)
                 else:
-                    lo = op.floor[layer] if op.floor else None
-                    hi = op.ceiling[layer] if op.ceiling else None
-                    shift, sign = projection.clamp(min=lo, max=hi) - projection, 1.0
+                    shift = F.cap_shift(projection, op.floor[layer] if op.floor else None,
+                                        op.ceiling[layer] if op.ceiling else None)  # fmt: skip
                 if mask is not None:
                     shift = shift * mask
                 if isinstance(op, Cap):
                     trace._add_cap_shift(shift)
-                # h + sign·shift·v̂ in one kernel; a token with shift 0 gets + 0 and is exactly unchanged
-                moved = self._copy(state, ("unit", id(op), layer), unit, device, dtype)
-                hidden = torch.addcmul(hidden, shift.to(dtype).unsqueeze(-1), moved, value=sign)
+                hidden = F.move(hidden, shift, self._copy(state, ("unit", id(op), layer), unit, device, dtype))
             if readouts:
                 work = hidden.detach().float()
                 for op in readouts:
                     if isinstance(op, Project):
                         mask = self._token_mask(op, step, state)
                         unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
-                        values = (work @ unit).masked_fill(~mask, float("nan"))
+                        values = F.project(work, unit).masked_fill(~mask, float("nan"))
                         trace._projections[op.name].setdefault(layer, []).append((step.start, values))
                     else:
-                        weights = self._record_weights(op, step, state)
+                        total = F.weighted_sum(self._record_weights(op, step, state), work, op.stat)
                         record = trace._records[op.name]
-                        if op.stat == "mean":
-                            total = torch.einsum("btk,bth->bkh", weights, work)
-                        else:
-                            total = torch.einsum("btk,bt->bk", weights, work.norm(dim=-1))
                         record.sums[layer] = total if layer not in record.sums else record.sums[layer] + total
             return _rewrap(output, hidden) if interventions else None
 

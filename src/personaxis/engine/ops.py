@@ -200,5 +200,16 @@ class Record(Op):
         return int(self.weights.shape[-1] if self.weights is not None else self.generated.numel())
 
 
-INTERVENTIONS = (Add, Ablate, Cap)
-READOUTS = (Project, Record)
+def validate_ops(ops: Sequence[Op], n_layers: int, hidden: int) -> None:
+    """Raise, in one line, if an op names a layer the model lacks or carries a vector of another size."""
+    for op in ops:
+        bad = [layer for layer in op.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise PersonaxisError(f"{type(op).__name__}: layer(s) {bad} out of range for a {n_layers}-layer model")
+        for table in ("deltas", "directions"):
+            for layer, vector in getattr(op, table, {}).items():
+                if vector.numel() != hidden:
+                    raise PersonaxisError(
+                        f"{type(op).__name__}: vector at layer {layer} has size {vector.numel()}, "
+                        f"the model's hidden size is {hidden}"
+                    )

@@ -216,3 +216,20 @@ def _locate(
     else:
         spans.append((start, end, label, owner))
     return end
+
+
+class TokenizerChat:
+    """Chat rendering for any model handle with a `tokenizer` (the HF `ChatModel`, the vLLM `VLLMModel`)."""
+
+    tokenizer: Any
+
+    @property
+    def has_chat_template(self) -> bool:
+        return has_chat_template(self.tokenizer)
+
+    @property
+    def has_system_role(self) -> bool:
+        return supports_system(self.tokenizer)
+
+    def render(self, messages: list[dict[str, str]], **kwargs: Any) -> RenderedChat:
+        return render_chat(self.tokenizer, messages, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from personaxis.errors import PersonaxisError
 from personaxis.model.attention import supports_rowwise
 from personaxis.model.blocks import find_blocks, parent_of
-from personaxis.model.chat import RenderedChat, has_chat_template, render_chat, supports_system
+from personaxis.model.chat import TokenizerChat
 from personaxis.model.embedded import fetch_embedded, resolve_embedded
 
 DTYPES = {
@@ -27,7 +27,7 @@ DTYPES = {
 
 
 @dataclass(eq=False)
-class ChatModel:
+class ChatModel(TokenizerChat):
     """A causal LM, its tokenizer, and where its decoder blocks are. One `Engine` per model holds all hooks."""
 
     model: nn.Module
@@ -37,6 +37,7 @@ class ChatModel:
     blocks_path: str = ""
     blocks: nn.ModuleList = field(default=None, repr=False)  # type: ignore[assignment]
     _engine: Any = field(default=None, repr=False)
+    runtime: ClassVar[str] = "hf"  # which runtime generates (`personaxis.vllm.VLLMModel` says "vllm")
 
     def __post_init__(self) -> None:
         if self.blocks is None:
@@ -85,12 +86,8 @@ class ChatModel:
         return self.device.type == "cpu" and supports_rowwise(self.config)
 
     @property
-    def has_chat_template(self) -> bool:
-        return has_chat_template(self.tokenizer)
-
-    @property
-    def has_system_role(self) -> bool:
-        return supports_system(self.tokenizer)
+    def generation_config(self) -> Any:
+        return getattr(self.model, "generation_config", None)
 
     @property
     def engine(self):  # noqa: ANN201 - imported lazily to keep model loading free of engine imports
@@ -99,9 +96,6 @@ class ChatModel:
 
             self._engine = Engine(self)
         return self._engine
-
-    def render(self, messages: list[dict[str, str]], **kwargs: Any) -> RenderedChat:
-        return render_chat(self.tokenizer, messages, **kwargs)
 
     def block_device(self, layer: int) -> torch.device:
         return next(self.blocks[layer].parameters()).device

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -33,6 +33,9 @@ from personaxis.serve.schema import ChatRequest, explain
 from personaxis.serve.worker import Job, QueueFull, Worker
 from personaxis.vectors.artifact import Vectors
 from personaxis.vectors.cap import CapConfig
+
+if TYPE_CHECKING:
+    from personaxis.vllm import VLLMModel
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def default_policy(registry: Registry) -> ClosedLoop:
 
 
 def create_app(
-    model: ChatModel,
+    model: ChatModel | VLLMModel,
     *,
     axis: Vectors | None = None,
     caps: CapConfig | Mapping[str, CapConfig] | None = None,
@@ -122,7 +125,8 @@ def create_app(
     space: dict | None = None,
     batch_invariant: bool | None = None,
 ) -> FastAPI:
-    """Build the app. The model is used by one worker thread only, started and stopped with the app's lifespan.
+    """Build the app. The model is used by one worker thread only, started and stopped with the app's lifespan;
+    a `personaxis.vllm.VLLMModel` is served by vLLM's engine (`vllm.serving`), any other by our runtime.
 
     `axis` is named "axis"; `vectors` are named by their keys (`key:direction` for multi-direction files); a single
     `caps` is named "default". `space` (optional) is the persona-space view served to the dashboard, e.g.
@@ -134,8 +138,13 @@ def create_app(
     conversations = Conversations(policy)
     metrics = Metrics()
     metrics.queue.set_function(lambda: worker.waiting)
-    worker = Worker(model, registry, max_batch=limits.max_batch, max_queue=limits.max_queue, on_batch=metrics.batch,
-                    batch_invariant=batch_invariant)  # fmt: skip
+    if model.runtime == "vllm":
+        from personaxis.vllm.serving import VLLMWorker
+
+        worker = VLLMWorker(model, registry, max_queue=limits.max_queue, on_batch=metrics.batch)
+    else:
+        worker = Worker(model, registry, max_batch=limits.max_batch, max_queue=limits.max_queue,
+                        on_batch=metrics.batch, batch_invariant=batch_invariant)  # fmt: skip
     model_id = model.name
     created = int(time.time())
 

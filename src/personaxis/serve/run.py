@@ -53,6 +53,14 @@ def _check_can_listen(host: str, port: int) -> None:
             raise PersonaxisError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
 
 
+def check_engine(engine: str, batch_invariant: bool | None) -> None:
+    """`serve --engine hf|vllm`, checked before anything loads."""
+    if engine not in ("hf", "vllm"):
+        raise PersonaxisError(f"unknown engine {engine!r} (choose from hf, vllm)")
+    if engine == "vllm" and batch_invariant:
+        raise PersonaxisError("--batch-invariant is a setting of the HF engine; vLLM batches by itself")
+
+
 def run_server(
     model_spec: str,
     host: str = "127.0.0.1",
@@ -67,6 +75,8 @@ def run_server(
     dtype: str = "auto",
     limits: Limits = Limits(),
     batch_invariant: bool | None = None,
+    engine: str = "hf",
+    vllm_args: str | None = None,
 ) -> None:
     """Serve until interrupted. Binding beyond loopback without an API key is refused: the model would be open."""
     import uvicorn
@@ -75,6 +85,15 @@ def run_server(
     from personaxis.vectors.artifact import Vectors
     from personaxis.vectors.cap import CapConfig
 
+    check_engine(engine, batch_invariant)
+    if vllm_args is not None and engine != "vllm":
+        raise PersonaxisError("--vllm-args needs --engine vllm")
+    if engine == "vllm":
+        from personaxis.backends import parse_vllm_args
+        from personaxis.vllm import require_vllm
+
+        parse_vllm_args(vllm_args)
+        require_vllm()
     if not _loopback(host) and not api_key:
         raise PersonaxisError(f"refusing to serve on {host} without --api-key (only loopback may go without one)")
     # every file and setting is checked before the model loads: a mistake costs seconds, not a model's load time
@@ -89,7 +108,14 @@ def run_server(
         policy = ClosedLoop(threshold=threshold, window=window) if threshold is not None else None
     except ValueError as err:
         raise PersonaxisError(f"closed loop: {err}") from None
-    model = load_model(model_spec, dtype=dtype)
+    if engine == "vllm":
+        from personaxis.backends import parse_vllm_args
+        from personaxis.vllm import VLLMModel
+
+        args = {"max_num_seqs": limits.max_batch} | parse_vllm_args(vllm_args)
+        model = VLLMModel(model_spec, dtype=dtype, **args)
+    else:
+        model = load_model(model_spec, dtype=dtype)
     app = create_app(
         model, axis=axis, caps=caps, vectors=vectors, api_key=api_key, limits=limits, policy=policy, space=space,
         batch_invariant=batch_invariant,
