@@ -2,7 +2,8 @@
 
 Only what the control-vector tests need: load a GGUF model, load a control vector with llama.cpp's own loader
 (`common_control_vector_load`, the code behind `--control-vector-scaled FILE S`), attach it to a context with
-`llama_set_adapter_cvec` exactly as llama.cpp's common init does (layers 1..n_layer), and decode greedily from token ids.
+`llama_set_adapter_cvec` exactly as llama.cpp's common init does (layers 1..n_layer), and decode greedily from token
+ids.
 
 The C structs passed by value (model, context and batch parameters) are handled as opaque blocks larger than the
 real structs: on x86-64 such structs travel in memory (returned through a hidden pointer, passed as a copy on the
@@ -18,6 +19,9 @@ import platform
 from pathlib import Path
 
 import numpy as np
+
+_CVEC_LOAD = "_Z26common_control_vector_loadRKSt6vectorI31common_control_vector_load_infoSaIS0_EE"
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
 class _Blob(ctypes.Structure):
@@ -101,12 +105,14 @@ class LlamaCpp:
         lib.llama_memory_clear.restype = None
         lib.llama_set_adapter_cvec.argtypes = [p, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t, i32, i32, i32]
         lib.llama_set_adapter_cvec.restype = i32
-        self._load_cvec = getattr(
-            lib, "_Z26common_control_vector_loadRKSt6vectorI31common_control_vector_load_infoSaIS0_EE"
-        )
+        self._load_cvec = getattr(lib, _CVEC_LOAD)
         self._load_cvec.argtypes = [ctypes.POINTER(_Vector)]
         self._load_cvec.restype = _CvecData
 
+        self._quiet = _LOG_CALLBACK(lambda level, text, user: None)  # llama.cpp's loading chatter, per tensor
+        lib.llama_log_set.argtypes = [_LOG_CALLBACK, p]
+        lib.llama_log_set.restype = None
+        lib.llama_log_set(self._quiet, None)
         lib.llama_backend_init()
         self.model = lib.llama_model_load_from_file(str(model_path).encode(), lib.llama_model_default_params())
         if not self.model:

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from personaxis.capture import encode_means
 from personaxis.extract import mean_difference
 from personaxis.generate import Sampling, generate_batch, prompt_ids
 from personaxis.model import load_model
 from personaxis.model.embedded import assemble_gguf, cache_root, resolve_embedded
-from personaxis.steering import project_op, steer_op
+from personaxis.steering import steer_op
 from personaxis.vectors import export_gguf, import_gguf
 
 from .llamacpp import LlamaCpp, library_path
@@ -72,11 +73,6 @@ def pirate(smol):
 
 def _projection(smol, vectors, reply: str) -> float:
     """Our own reading of a reply: its response-token mean at LAYER projected on the direction."""
-    ids = prompt_ids(smol, PROMPT)
-    out = generate_batch(smol, [ids], Sampling(1), ops=[project_op(vectors, LAYER)])  # warm, unused
-    del out
-    from personaxis.capture import encode_means
-
     mean = encode_means(smol, [PROMPT + [{"role": "assistant", "content": reply}]], [LAYER])[0, 0, 0]
     return float(mean @ vectors.unit(LAYER))
 
