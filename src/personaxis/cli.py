@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from personaxis import finetune, screening
 from personaxis.axis import cli as axis_cli
@@ -28,6 +29,23 @@ err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from personaxis import __version__
+
+        console.print(f"personaxis {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Persona vectors and the Assistant Axis on open-weights chat models."""
 
 
 def _load(spec: str, dtype: str = "auto", device: str | None = None):
@@ -54,7 +72,7 @@ def info(
         ("system role", "yes" if m.has_system_role else "no (system text is folded into the first user turn)"),
         ("layer convention", "layer i = output of decoder block i = hidden_states[i + 1]"),
     ):
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))  # as written: `[i + 1]` is not rich markup
     console.print(table)
 
 
