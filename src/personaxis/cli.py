@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from personaxis import finetune, screening
 from personaxis.axis import cli as axis_cli
@@ -28,6 +29,23 @@ err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from personaxis import __version__
+
+        console.print(f"personaxis {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Persona vectors and the Assistant Axis on open-weights chat models."""
 
 
 def _load(spec: str, dtype: str = "auto", device: str | None = None):
@@ -54,7 +72,7 @@ def info(
         ("system role", "yes" if m.has_system_role else "no (system text is folded into the first user turn)"),
         ("layer convention", "layer i = output of decoder block i = hidden_states[i + 1]"),
     ):
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))  # as written: `[i + 1]` is not rich markup
     console.print(table)
 
 
@@ -204,14 +222,76 @@ def export_gguf_cmd(
     vector: Annotated[Path, typer.Argument(help="a vectors .safetensors file")],
     out: Annotated[Path, typer.Option(help="output .gguf")],
     name: Annotated[str | None, typer.Option(help="which direction, if the file has several")] = None,
-    scale: float = 1.0,
+    layers: Annotated[
+        str | None,
+        typer.Option(help="i,j, a:b, all or calibrated (a calibrated trait's layer); default: all but layer 0"),
+    ] = None,
+    strength: Annotated[
+        str | None,
+        typer.Option(
+            help="pre-scale so that llama.cpp's strength 1.0 steers like personaxis at this strength, in --units "
+            "or with its unit (0.15rel, 4raw); default: a calibrated trait's strength, else the vectors unscaled"
+        ),
+    ] = None,
+    units: Annotated[str, typer.Option(help="unit of --strength: relative (× mean norm, useful 0.05–0.3) or raw")] = (
+        "relative"
+    ),
+    scale: Annotated[float, typer.Option(help="an extra factor on every direction (−1 flips the sign)")] = 1.0,
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ):
-    """Write a llama.cpp control vector (direction.i = block i)."""
+    """Write a llama.cpp control vector (direction.i = block i), ready for --control-vector-scaled FILE 1.0 when
+    a strength is given or calibrated."""
+    from personaxis.datasets import parse_layers
+    from personaxis.steering import check_units, describe_strength, parse_strength
+    from personaxis.traits.steer import calibration_choice
     from personaxis.vectors import Vectors, export_gguf
 
     _check_writable(out)
-    path = export_gguf(Vectors.load(vector), out, name=name, scale=scale)
-    console.print(f"wrote {path}")
+    if out.exists() and not force:
+        raise PersonaxisError(f"{out} exists: pass --force to replace it")
+    default_units = check_units(units)
+    parsed = parse_strength(strength, default_units) if strength is not None else None
+    vectors = Vectors.load(vector)
+    n_layers = vectors.meta.n_layers or (max(vectors.layers) + 1)
+    choice = calibration_choice(vectors) or {}
+    if layers is not None and layers.strip() == "calibrated":
+        if "layer" not in choice:
+            raise PersonaxisError(f"{vector} carries no calibration: give --layers i,j or a:b")
+        chosen = [int(choice["layer"])]
+    elif layers is not None:
+        chosen = parse_layers(layers, n_layers)
+        if layers.strip() == "all":
+            chosen = [i for i in chosen if i in vectors.layers]
+    else:
+        chosen = list(vectors.layers)
+    if 0 in chosen and (layers is None or layers.strip() == "all"):
+        chosen.remove(0)
+        err.print("note: layer 0 left out (llama.cpp control vectors cannot hold direction.0)", markup=False)
+    missing = [i for i in chosen if i not in vectors.layers]
+    if missing:
+        raise PersonaxisError(
+            f"--layers {layers}: the vectors have no direction at layer(s) {missing} "
+            f"(they cover {_layer_list(vectors.layers)})"
+        )
+    if parsed is None and "coef" in choice:
+        parsed = (float(choice["coef"]), check_units(str(choice.get("units", "relative"))))
+    path = export_gguf(
+        vectors, out, name=name, scale=scale, layers=chosen,
+        strength=None if parsed is None else parsed[0], units=default_units if parsed is None else parsed[1],
+    )  # fmt: skip
+    where = f"layer(s) {_layer_list(chosen)}"
+    if parsed is None:
+        console.print(
+            f"wrote {path}: {where}, unscaled (× {scale:g}); llama.cpp's strength multiplies the raw vectors. "
+            "Give --strength (e.g. 0.15) for a file that is right at --control-vector-scaled FILE 1.0",
+            markup=False, highlight=False,
+        )  # fmt: skip
+    else:
+        console.print(
+            f"wrote {path}: {where}, pre-scaled to {describe_strength(parsed[0] * scale, parsed[1])}; in llama.cpp: "
+            f"--control-vector-scaled {path} 1.0",
+            markup=False, highlight=False,
+        )  # fmt: skip
 
 
 @app.command("import")

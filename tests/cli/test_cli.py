@@ -28,6 +28,17 @@ def test_info(monkeypatch, capsys, folder):
     code, out, _ = run(monkeypatch, capsys, "info", folder, "--dtype", "float32")
     assert code == 0
     assert "4 (at model.layers)" in out and "64" in out
+    values = " ".join(line.split("│")[2] for line in out.splitlines() if line.count("│") == 3)  # a cell may wrap
+    assert "hidden_states[i + 1]" in " ".join(values.split()), out  # not eaten as rich markup
+
+
+def test_version(monkeypatch, capsys):
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["version"]
+    code, out, _ = run(monkeypatch, capsys, "--version")
+    assert code == 0 and out.strip() == f"personaxis {declared}"
 
 
 def test_demo(monkeypatch, capsys, folder, tmp_path):
@@ -80,6 +91,8 @@ def test_generate_steer_project_and_gguf(monkeypatch, capsys, folder, tmp_path):
     )  # fmt: skip
     assert code == 0, err
     assert "projection" in err
+    for layer in Vectors.load(vec).layers:  # each layer it read is named with its reading
+        assert f"  layer {layer}: mean " in err, err
     gguf = tmp_path / "v.gguf"
     assert run(monkeypatch, capsys, "export-gguf", vec, "--out", gguf)[0] == 0
     back = import_gguf(gguf)

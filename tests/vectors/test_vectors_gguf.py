@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,63 @@ def test_failed_export_leaves_no_file(tmp_path, make_vectors, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_gguf(make_vectors(), tmp_path / "v.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prescaled_export_is_our_steering_shift(tmp_path, make_vectors):
+    from personaxis.steering import steer_op
+
+    v = make_vectors(layers=(0, 1, 2, 4))
+    for units, strength in (("relative", 0.2), ("raw", 3.0)):
+        path = export_gguf(v, tmp_path / f"{units}.gguf", layers=[2, 4], strength=strength, units=units)
+        reader = GGUFReader(path)
+        tensors = {t.name: np.array(t.data) for t in reader.tensors}
+        assert sorted(tensors) == ["direction.2", "direction.4"]
+        expected = steer_op(v, strength, [2, 4], units=units).deltas
+        for layer in (2, 4):
+            np.testing.assert_allclose(tensors[f"direction.{layer}"], expected[layer].numpy(), rtol=1e-6)
+        scaling = json.loads(reader.fields["personaxis.scaling"].contents())
+        assert scaling["mode"] == "prescaled" and scaling["strength"] == strength and scaling["units"] == units
+        assert scaling["layers"] == [2, 4]
+        assert import_gguf(path).meta.extra["gguf_scaling"] == scaling
+    with pytest.raises(PersonaxisError, match=r"no direction at layer\(s\) \[3\]"):
+        export_gguf(v, tmp_path / "x.gguf", layers=[2, 3])
+    with pytest.raises(PersonaxisError, match="cannot hold layer 0"):
+        export_gguf(v, tmp_path / "x.gguf", layers=[0, 1])
+    with pytest.raises(PersonaxisError, match="--units raw"):
+        export_gguf(make_vectors(mean_norms=None), tmp_path / "x.gguf", layers=[1], strength=0.1)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_export_gguf_command(monkeypatch, capsys, tmp_path, make_vectors):
+    from cli_runner import invoke as run
+
+    calibration = {"choice": {"layer": 2, "coef": 0.25, "units": "relative"}}
+    v = make_vectors(layers=(0, 1, 2, 4), extra={"calibration": calibration})
+    src = v.save(tmp_path / "v.safetensors")
+    out = tmp_path / "v.gguf"
+
+    code, stdout, err = run(monkeypatch, capsys, "export-gguf", src, "--out", out)
+    assert code == 0, err
+    assert err.strip() == "note: layer 0 left out (llama.cpp control vectors cannot hold direction.0)"
+    assert "unscaled" not in stdout and "0.25" in stdout and "--control-vector-scaled" in stdout  # calibrated strength
+    assert import_gguf(out).layers == [1, 2, 4]
+
+    before = out.read_bytes()
+    code, _, err = run(monkeypatch, capsys, "export-gguf", src, "--out", out, "--layers", "calibrated")
+    assert code == 2 and err.count("\n") == 1 and "--force" in err, err
+    assert out.read_bytes() == before  # the old file intact
+    for layers, message in (("1,3", "no direction at layer(s) [3]"), ("7", "out of range"), ("0,1", "layer 0")):
+        code, _, err = run(monkeypatch, capsys, "export-gguf", src, "--out", tmp_path / "x.gguf", "--layers", layers)
+        assert code == 2 and err.count("\n") == 1 and message in err, (layers, err)
+    code, _, err = run(monkeypatch, capsys, "export-gguf", src, "--out", tmp_path / "x.gguf", "--strength", "4.0x")
+    assert code == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "x.gguf").exists()
+
+    code, stdout, err = run(
+        monkeypatch, capsys, "export-gguf", src, "--out", out, "--layers", "calibrated", "--strength", "2raw", "--force"
+    )
+    assert code == 0, err
+    back = import_gguf(out)
+    assert back.layers == [2]
+    torch.testing.assert_close(back.direction(2), 2.0 * v.direction(2))
+    assert back.meta.extra["gguf_scaling"]["units"] == "raw" and "2" in stdout

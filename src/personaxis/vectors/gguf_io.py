@@ -3,17 +3,21 @@
 How llama.cpp reads them (its common control-vector loader and its adapter code): every tensor must be named
 `direction.N`, 1-D float32 of the model's width, and is added, times the user's strength, to the output of block N
 at every position. `direction.0` makes the whole file invalid ("there's never a tensor for layer 0"), so block 0
-cannot be steered this way; export skips layer 0 with a warning. Otherwise `direction.N` is exactly personaxis
-layer N, with no shift. llama.cpp ignores other metadata keys, so the full personaxis metadata rides along under
+cannot be steered this way; export skips layer 0 with a warning (the command line says so in one line), or refuses it
+when asked for. Otherwise `direction.N` is exactly personaxis layer N, with no shift. `strength` pre-scales the
+directions so that llama.cpp's strength 1.0 is personaxis steering at that strength. llama.cpp ignores other
+metadata keys, so the full personaxis metadata rides along under
 `personaxis.*` and comes back on import.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,37 +31,91 @@ ARCH = "controlvector"
 _DIRECTION = re.compile(r"direction\.(\d+)")
 
 
-def export_gguf(vectors: Vectors, path: str | os.PathLike[str], name: str | None = None, scale: float = 1.0) -> Path:
-    """Write one direction of `vectors` times `scale` as a llama.cpp control vector, atomically.
+def export_gguf(
+    vectors: Vectors,
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    scale: float = 1.0,
+    *,
+    layers: Sequence[int] | None = None,
+    strength: float | None = None,
+    units: str = "relative",
+) -> Path:
+    """Write one direction of `vectors` as a llama.cpp control vector, atomically.
 
-    Directions are written raw (not unit-normalised): llama.cpp adds `strength * direction.N`, so `scale` and the
-    user's strength multiply the stored vector.
+    llama.cpp adds `its strength × direction.N` to the output of block N. Without `strength` the directions are
+    written as stored (times `scale`), so llama.cpp's strength multiplies the raw vector. With `strength` they are
+    pre-scaled to the shift personaxis steering adds at that strength, `strength · mean_norm_N · v̂_N` in relative units
+    (the default) or `strength · v_N` in raw units, so that `--control-vector-scaled FILE 1.0` steers exactly as
+    `steer_op(vectors, strength, layers, units=units)` does. How the file was scaled is written in its metadata
+    (`personaxis.scaling`, and `gguf_scaling` in the restored artifact's `meta.extra`).
+
+    `layers` defaults to every layer but 0 (left out with a warning); asking for layer 0, or for a layer the vectors
+    do not cover, is refused.
     """
     from gguf import GGUFWriter
 
     name = vectors.resolve(name)
     if not math.isfinite(scale) or scale == 0:
         raise PersonaxisError(f"scale must be finite and non-zero, got {scale}")
-    layers = [i for i in vectors.layers if i > 0]
-    if 0 in vectors.layers:
-        warnings.warn(
-            "llama.cpp control vectors cannot hold layer 0 (direction.0 is rejected): layer 0 left out",
-            stacklevel=2,
-        )
-    if not layers:
+    if strength is not None and not math.isfinite(strength):
+        raise PersonaxisError(f"strength must be finite, got {strength}")
+    if units not in ("relative", "raw"):
+        raise PersonaxisError(f"units must be 'relative' or 'raw', got {units!r}")
+    if layers is None:
+        chosen = [i for i in vectors.layers if i > 0]
+        if 0 in vectors.layers:
+            warnings.warn(
+                "llama.cpp control vectors cannot hold layer 0 (direction.0 is rejected): layer 0 left out",
+                stacklevel=2,
+            )
+    else:
+        chosen = sorted(set(layers))
+        if 0 in chosen:
+            raise PersonaxisError("llama.cpp control vectors cannot hold layer 0 (direction.0 is rejected)")
+        missing = [i for i in chosen if i not in vectors.layers]
+        if missing:
+            raise PersonaxisError(f"the vectors have no direction at layer(s) {missing} (they cover {vectors.layers})")
+    if not chosen:
         raise PersonaxisError("nothing to export: llama.cpp control vectors cannot hold layer 0, the only layer here")
+    norms = vectors.meta.mean_norms or {}
+    if strength is not None and units == "relative":
+        missing = [i for i in chosen if i not in norms]
+        if missing:
+            raise PersonaxisError(
+                f"no mean residual norm for layer(s) {missing}: give the strength in raw units (--units raw)"
+            )
+    rows: dict[int, torch.Tensor] = {}
+    for layer in chosen:
+        v = vectors.direction(layer, name).float()
+        if strength is None:
+            rows[layer] = v * scale
+        elif units == "relative":
+            rows[layer] = strength * float(norms[layer]) * scale * (v / v.norm())
+        else:
+            rows[layer] = strength * scale * v
+    sign = scale if strength is None else scale * strength
+    if strength is None:
+        scaling = {"mode": "unscaled", "scale": scale, "layers": chosen,
+                   "note": "the stored vectors times scale; llama.cpp's strength multiplies them"}  # fmt: skip
+    else:
+        scaling = {"mode": "prescaled", "strength": strength, "units": units, "scale": scale, "layers": chosen,
+                   "note": "llama.cpp strength 1.0 adds what personaxis steering adds at this strength"}  # fmt: skip
     meta = vectors.meta.model_copy(deep=True)
     meta.extra = {**meta.extra, "gguf_scale": scale}
-    if scale < 0:
+    if strength is not None:
+        meta.extra["gguf_scaling"] = scaling
+    if sign < 0:
         meta.points_toward = opposite(meta.points_toward)
     with atomic_path(path) as tmp:
         writer = GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", str(meta.extra.get("model_type") or meta.model_id))
-        writer.add_int32(f"{ARCH}.layer_count", len(layers))
+        writer.add_int32(f"{ARCH}.layer_count", len(chosen))
         writer.add_string("personaxis.name", name)
         writer.add_string("personaxis.meta", meta.model_dump_json())
-        for layer in layers:
-            writer.add_tensor(f"direction.{layer}", (vectors.direction(layer, name) * scale).numpy())
+        writer.add_string("personaxis.scaling", json.dumps(scaling))
+        for layer in chosen:
+            writer.add_tensor(f"direction.{layer}", rows[layer].numpy())
         try:
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
