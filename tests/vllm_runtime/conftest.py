@@ -35,3 +35,13 @@ def hf_fp32(default_folder):
     from personaxis.model import load_model
 
     return load_model(default_folder, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def runtime(default_folder):
+    """A vLLM engine on the default model for one test module (fp32, eager, 8 sequences at once), closed after it."""
+    from personaxis.vllm import VLLMModel
+
+    model = VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
+    yield model
+    model.close()

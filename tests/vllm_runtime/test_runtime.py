@@ -16,15 +16,6 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def runtime(default_folder):
-    from personaxis.vllm import VLLMModel
-
-    model = VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
 def axis(runtime):
     torch.manual_seed(0)
     return torch.randn(runtime.hidden_size)

@@ -20,15 +20,6 @@ ASK = [{"role": "user", "content": "Tell me about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def runtime(default_folder):
-    from personaxis.vllm import VLLMModel
-
-    model = VLLMModel(default_folder, dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=8)
-    yield model
-    model.close()
-
-
-@pytest.fixture(scope="module")
 def artifacts(runtime):
     axis = random_vectors(runtime, ("axis",), seed=1)
     return {
