@@ -19,8 +19,8 @@ import time
 import torch
 from common import bench_model, chats
 
-from personaxis.capture import encode_means
-from personaxis.generation import Sampling, generate_batch, prompt_ids
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
 
 
 def sync(device: str) -> None:
@@ -78,7 +78,7 @@ def main() -> None:
 
 def ray_vs_local(model, args: argparse.Namespace, prompts: list) -> None:
     from personaxis.backends import RayBackend
-    from personaxis.runs import LocalBackend, Rollout
+    from personaxis.backends.runs import LocalBackend, Rollout
 
     rollouts = [
         Rollout.make(f"r{i}", chat, Sampling(args.new_tokens, 0.7, 0.9, seed=i)) for i, chat in enumerate(prompts)

@@ -9,7 +9,7 @@ Every figure is a ratio measured side by side in one run:
 (a) generation with each op (steer at 1 layer, cap over an 8-layer window, project at 1 layer, record every layer)
     over generation without ops, back to back in pairs (order alternating);
 (b) rollouts with response/prompt/last-prompt means at every layer, recorded in the same pass: tokens per second of
-    `VLLMModel.generate` against `personaxis.generation.generate` (the HF path, same dtype), batch 8 and 32.
+    `VLLMModel.generate` against `personaxis.inference.generation.generate` (the HF path, same dtype), batch 8 and 32.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from common import chats, paired_ratios  # noqa: E402
 
 from personaxis.engine import Add, Cap, Project, Record  # noqa: E402
-from personaxis.generation import Sampling, generate  # noqa: E402
+from personaxis.inference.generation import Sampling, generate  # noqa: E402
 from personaxis.model import load_model  # noqa: E402
 from personaxis.vllm import VLLMModel  # noqa: E402
 

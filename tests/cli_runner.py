@@ -7,7 +7,7 @@ import sys
 
 def invoke(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`personaxis ARGS...` through the real entry point; returns (exit code, stdout, stderr)."""
-    from personaxis.cli import main
+    from personaxis.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["personaxis", *map(str, args)])
     code = 0

@@ -32,9 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.inference.generation import Sampling
 from personaxis.store import RunStore
 
 SYSTEM = {
@@ -84,7 +84,7 @@ class LoggedBackend:
         return self.inner.identity()
 
     def stream(self, rollouts):
-        from personaxis.runs import rollout_key
+        from personaxis.backends.runs import rollout_key
 
         identity = self.inner.identity()
         for group in self.inner.stream(rollouts):
@@ -115,8 +115,8 @@ def pipeline(kind: str, model_spec: str, run_dir: Path, settings: Settings) -> N
 
 
 def vectors(model, store: RunStore, path: Path, settings: Settings, log: ComputeLog) -> None:
-    import personaxis.runs as runs
-    from personaxis.extract import meta_for
+    import personaxis.backends.runs as runs
+    from personaxis.inference.means import meta_for
     from personaxis.vectors import Vectors
 
     layers = list(range(model.n_layers))

@@ -32,7 +32,8 @@ def test_no_public_name_is_also_a_submodule():
 
     submodules = {info.name for info in pkgutil.iter_modules(px.__path__)}
     assert not submodules & set(px.__all__)
-    code = "import personaxis.generation, personaxis.steering, personaxis as px; print(px.generate, px.steer)"
+    code = "import personaxis.inference.generation, personaxis.inference.steering, personaxis as px; "
+    code += "print(px.generate, px.steer)"
     assert "function generate" in _python(code)
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 from personaxis.model import load_model
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
-from personaxis.screening import read_samples, screen
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.traits.screening import read_samples, screen
 from personaxis.store import RunStore
 from personaxis.traits.library import load_trait
 from personaxis.vectors import Vectors

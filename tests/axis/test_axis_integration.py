@@ -8,7 +8,7 @@ from personaxis.axis.capping import calibrate, cap_config, pooled_projections, r
 from personaxis.axis.drift import drift_stats, run_scripted
 from personaxis.axis.evals import load_conversations
 from personaxis.axis.library import load_roles
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 from personaxis.store import RunStore
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import pytest
 import torch
 from axis.axis_helpers import FakeJudge, role_of
 
-import personaxis.runs
+import personaxis.backends.runs
 from personaxis.axis.build import ROLLOUT_STAGE, BuildConfig, analyse, build_axis, judge_roles, plan_rollouts
 from personaxis.axis.library import RoleRubric, load_axis_traits, load_role_rubric, load_roles
 from personaxis.errors import PersonaxisError
@@ -110,13 +110,13 @@ def test_artifacts_summary_and_plots(built, tiny):
 def test_rerun_generates_and_judges_nothing_new(built, tiny, monkeypatch):
     run, first = built
     generated = []
-    original = personaxis.runs.generate_batch
+    original = personaxis.backends.runs.generate_batch
 
     def counting(model, prompts, *args, **kwargs):
         generated.extend(prompts)
         return original(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(personaxis.runs, "generate_batch", counting)
+    monkeypatch.setattr(personaxis.backends.runs, "generate_batch", counting)
     judge = scripted(run)
     second = build(tiny, run, judge=judge)
     assert generated == [] and judge.calls == 0
@@ -143,7 +143,7 @@ def test_a_given_backend_runs_the_rollouts_and_must_fit_the_build(tiny, tmp_path
     config = BuildConfig(questions=1, max_tokens=2, judge="none", min_count=1, traits=0)
     used = []
 
-    class Tracing(personaxis.runs.LocalBackend):
+    class Tracing(personaxis.backends.runs.LocalBackend):
         def stream(self, rollouts):
             used.extend(rollouts)
             yield from super().stream(rollouts)

@@ -29,12 +29,12 @@ from personaxis.axis.drift import turn_projections
 from personaxis.axis.evals import ArithmeticItem, FactItem, JailbreakItem, load_jailbreak_rubric
 from personaxis.engine import Project
 from personaxis.errors import PersonaxisError
-from personaxis.extract import meta_for
-from personaxis.generation import Sampling, generate
+from personaxis.inference.generation import Sampling, generate
+from personaxis.inference.means import meta_for
+from personaxis.inference.steering import cap_op
 from personaxis.judge.scoring import Distribution
 from personaxis.model.blocks import find_blocks
 from personaxis.model.chat import Label
-from personaxis.steering import cap_op
 from personaxis.store import RunStore
 from personaxis.vectors import CapConfig, Vectors
 

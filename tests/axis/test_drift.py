@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-import personaxis.runs
+import personaxis.backends.runs
 from personaxis.axis.drift import (
     DriftResult,
     drift_stats,
@@ -17,7 +17,7 @@ from personaxis.axis.drift import (
 )
 from personaxis.axis.evals import Conversation, load_simulated_user
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 from personaxis.model.chat import Label
 from personaxis.store import RunStore
 
@@ -83,13 +83,13 @@ def test_scripted_conversations_project_every_turn_and_resume(tiny, tmp_path, mo
     for r in results:
         assert r.projections == pytest.approx(turn_projections(tiny, r.messages, unit, 2))
     generated = []
-    original = personaxis.runs.generate_batch
+    original = personaxis.backends.runs.generate_batch
 
     def counting(model, prompts, *args, **kwargs):
         generated.extend(prompts)
         return original(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(personaxis.runs, "generate_batch", counting)
+    monkeypatch.setattr(personaxis.backends.runs, "generate_batch", counting)
     again = run_scripted(tiny, conversations(), unit, 2, store, sampling, progress=False)
     assert generated == [] and [r.messages for r in again] == [r.messages for r in results]
 

@@ -5,8 +5,8 @@ import torch
 
 from personaxis.axis.capping import cap_config
 from personaxis.engine import Project
-from personaxis.generation import Sampling, generate
-from personaxis.steering import cap_op, project_op
+from personaxis.inference.generation import Sampling, generate
+from personaxis.inference.steering import cap_op, project_op
 from personaxis.vectors import import_capping_config, import_vectors
 
 CHAT = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me about the sea"}]

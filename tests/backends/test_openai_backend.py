@@ -5,10 +5,10 @@ import torch
 from backends.helpers import FakeOpenAI, fake_reply
 
 from personaxis.backends import OpenAIBackend
-from personaxis.capture import encode_means
+from personaxis.backends.runs import Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
-from personaxis.runs import Rollout, run_rollouts
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling
 from personaxis.store import RunStore
 
 pytest.importorskip("openai")

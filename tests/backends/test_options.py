@@ -2,10 +2,10 @@
 
 import pytest
 
-from personaxis.backend_cli import BackendOptions, judge_on
 from personaxis.backends import OpenAIBackend, RayBackend, RayJudge, backend_from_options
+from personaxis.backends.runs import LocalBackend
+from personaxis.cli.options import BackendOptions, judge_on
 from personaxis.errors import PersonaxisError
-from personaxis.runs import LocalBackend
 
 
 def test_each_choice(tiny, tiny_folder):

@@ -7,10 +7,10 @@ import torch
 from backends.helpers import threads
 
 from personaxis.backends import RayBackend, backend_from_options
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 from personaxis.model import load_model
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore
 
 ray = pytest.importorskip("ray")

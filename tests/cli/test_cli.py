@@ -7,7 +7,7 @@ from cli_runner import invoke as run
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from personaxis.capture import encode_means
+from personaxis.inference.capture import encode_means
 from personaxis.model import load_model
 from personaxis.vectors import Vectors, import_gguf
 

@@ -6,7 +6,7 @@ import torch
 from personaxis.engine import Ablate, Add, Cap, Project, Record
 from personaxis.engine.hooks import _unwrap
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate_batch
+from personaxis.inference.generation import Sampling, generate_batch
 from personaxis.model.cache import cache_argument, returned_cache
 
 H = 64

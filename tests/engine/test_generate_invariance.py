@@ -6,7 +6,7 @@ import transformers as tf
 
 from personaxis.engine import Add, Project
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate, generate_batch
+from personaxis.inference.generation import Sampling, generate, generate_batch
 from personaxis.model import ChatModel
 
 QUESTIONS = [

@@ -14,7 +14,7 @@ from tiny import MOE, tiny_causal_lm
 
 from personaxis.engine import Ablate, Add, Cap, Project, Record
 from personaxis.engine.hooks import _rewrap, _unwrap
-from personaxis.generation import Sampling, generate_batch
+from personaxis.inference.generation import Sampling, generate_batch
 from personaxis.model import ChatModel
 from personaxis.model.blocks import find_blocks
 

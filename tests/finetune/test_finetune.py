@@ -12,7 +12,7 @@ from tiny import tiny_llama
 from personaxis.engine import Ablate, Add
 from personaxis.errors import PersonaxisError
 from personaxis.finetune.train import IGNORE, TrainConfig, batch_loss, build_examples, finetune, loss_mask
-from personaxis.generation import stop_token_ids
+from personaxis.inference.generation import stop_token_ids
 from personaxis.model import ChatModel
 
 pytest.importorskip("peft")

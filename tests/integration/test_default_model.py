@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from personaxis.capture import encode_means
 from personaxis.engine import Add, Record
-from personaxis.generation import Sampling, generate, generate_batch, prompt_ids
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling, generate, generate_batch, prompt_ids
 from personaxis.model import Label, load_model
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate_batch, prompt_ids
+from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
 from personaxis.model import ChatModel
 from personaxis.serve.plan import Registry, make_plan
 from personaxis.serve.schema import Extension

@@ -8,7 +8,7 @@ import openai
 import pytest
 import torch
 
-from personaxis.generation import prompt_ids
+from personaxis.inference.generation import prompt_ids
 
 HELLO = [{"role": "user", "content": "Hello, who are you?"}]
 

@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 
 def _serve(*args: str) -> subprocess.Popen:
-    command = [sys.executable, "-c", "from personaxis.cli import main; main()", "serve", *args]
+    command = [sys.executable, "-c", "from personaxis.cli.main import main; main()", "serve", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-import personaxis.runs
+import personaxis.backends.runs
+from personaxis.common.stats import rise_p
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate
-from personaxis.stats import rise_p
+from personaxis.inference.generation import Sampling, generate
 from personaxis.store import RunStore
 from personaxis.traits.calibrate import (
     CalibrateSettings,
@@ -124,8 +124,10 @@ def vectors(tiny, small_trait, hash_judge, tmp_path):
 def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors, tmp_path, monkeypatch):
     v = vectors.vectors
     generated = []
-    original = personaxis.runs.generate_batch
-    monkeypatch.setattr(personaxis.runs, "generate_batch", lambda *a, **k: generated.append(1) or original(*a, **k))
+    original = personaxis.backends.runs.generate_batch
+    monkeypatch.setattr(
+        personaxis.backends.runs, "generate_batch", lambda *a, **k: generated.append(1) or original(*a, **k)
+    )
     store = RunStore(tmp_path / "run")
     settings = CalibrateSettings(coefs=(-2.0, 0.0, 2.0, 4.0), questions=2, max_new_tokens=5, coherence_min=0, alpha=1)
     result = calibrate(tiny, small_trait, v, hash_judge(cache=store), store, [1, 2], settings, progress=False)
@@ -157,8 +159,8 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
 
 
 def test_steered_backend_keys_differ_from_plain(tiny, vectors):
-    from personaxis.runs import LocalBackend, Rollout, rollout_key
-    from personaxis.steering import steer_op
+    from personaxis.backends.runs import LocalBackend, Rollout, rollout_key
+    from personaxis.inference.steering import steer_op
 
     r = Rollout.make("a", [{"role": "user", "content": "Hello"}], Sampling(4))
     op = steer_op(vectors.vectors, 1.0, 1, name="pirate")

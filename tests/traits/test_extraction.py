@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import personaxis.runs
+import personaxis.backends.runs
 from personaxis.errors import PersonaxisError
 from personaxis.judge import OpenAIJudge, ScoreResult
 from personaxis.store import RunStore
@@ -156,13 +156,13 @@ def test_vector_is_the_mean_difference_of_kept_pairs(tiny, small_trait, hash_jud
 
 def test_second_run_generates_and_judges_nothing(tiny, small_trait, hash_judge, tmp_path, monkeypatch):
     generated = []
-    original = personaxis.runs.generate_batch
+    original = personaxis.backends.runs.generate_batch
 
     def counting(model, prompts, *args, **kwargs):
         generated.append(len(prompts))
         return original(model, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(personaxis.runs, "generate_batch", counting)
+    monkeypatch.setattr(personaxis.backends.runs, "generate_batch", counting)
     store = RunStore(tmp_path / "run")
     first = run_extract(tiny, small_trait, hash_judge(cache=store), tmp_path / "run", questions=2)
     assert sum(generated) == 2 * 2 * 2
@@ -175,7 +175,9 @@ def test_second_run_generates_and_judges_nothing(tiny, small_trait, hash_judge, 
 
 
 def test_a_given_backend_must_capture_what_extraction_needs(tiny, small_trait, hash_judge, tmp_path):
-    backend = personaxis.runs.LocalBackend(tiny, [3, 1, 0], ("response", "prompt", "last_prompt"), batch_size=3)
+    backend = personaxis.backends.runs.LocalBackend(
+        tiny, [3, 1, 0], ("response", "prompt", "last_prompt"), batch_size=3
+    )
     with pytest.raises(PersonaxisError, match=r"layers \[3, 1, 0\] \(needed: \[0, 1, 3\]\)"):
         extract_trait(tiny, small_trait, hash_judge(), RunStore(tmp_path / "run"), layers=LAYERS, backend=backend)
     backend.layers = sorted(backend.layers)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from personaxis.extract import meta_for
-from personaxis.generation import prompt_ids
+from personaxis.inference.generation import prompt_ids
+from personaxis.inference.means import meta_for
 from personaxis.store import RunStore
 from personaxis.traits.monitor import (
     FEW_SHOT,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from personaxis.generation import Sampling, generate
+from personaxis.inference.generation import Sampling, generate
 from personaxis.judge import LocalJudge
 from personaxis.store import RunStore
 from personaxis.traits.calibrate import CalibrateSettings, calibrate

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from personaxis.capture import encode_means
-from personaxis.extract import mean_difference
-from personaxis.generation import Sampling, generate_batch, prompt_ids
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
+from personaxis.inference.means import mean_difference
+from personaxis.inference.steering import steer_op
 from personaxis.model import load_model
 from personaxis.model.embedded import assemble_gguf, cache_root, resolve_embedded
-from personaxis.steering import steer_op
 from personaxis.vectors import export_gguf, import_gguf
 
 from .llamacpp import LlamaCpp, library_path

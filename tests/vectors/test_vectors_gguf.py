@@ -111,7 +111,7 @@ def test_failed_export_leaves_no_file(tmp_path, make_vectors, monkeypatch):
 
 
 def test_prescaled_export_is_our_steering_shift(tmp_path, make_vectors):
-    from personaxis.steering import steer_op
+    from personaxis.inference.steering import steer_op
 
     v = make_vectors(layers=(0, 1, 2, 4))
     for units, strength in (("relative", 0.2), ("raw", 3.0)):

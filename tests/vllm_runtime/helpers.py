@@ -3,7 +3,7 @@
 import torch
 
 from personaxis.engine import Record
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 
 CHATS = [
     [{"role": "user", "content": "Plan my weekend"}],

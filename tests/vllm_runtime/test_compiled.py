@@ -9,7 +9,7 @@ import torch
 from vllm_runtime.helpers import CHATS, GREEDY, LAYERS, cosines, teacher_forced
 
 from personaxis.engine import Add, Cap, Project
-from personaxis.generation import prompt_ids
+from personaxis.inference.generation import prompt_ids
 
 pytestmark = pytest.mark.vllm
 

@@ -8,7 +8,7 @@ from tiny import write_tiny_folder
 from vllm_runtime.helpers import CHATS, GREEDY, cosines, teacher_forced
 
 from personaxis.engine import Add, Cap, Project
-from personaxis.generation import generate, prompt_ids
+from personaxis.inference.generation import generate, prompt_ids
 
 pytestmark = pytest.mark.vllm
 

@@ -14,7 +14,7 @@ from test_crash_safety import same_artifacts
 
 from personaxis.axis.build import CAPTURES, ROLLOUT_STAGE, BuildConfig, build_axis
 from personaxis.axis.library import load_roles
-from personaxis.runs import LocalBackend
+from personaxis.backends.runs import LocalBackend
 from personaxis.store import RunStore
 
 pytestmark = pytest.mark.vllm

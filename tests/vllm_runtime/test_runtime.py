@@ -10,7 +10,7 @@ from vllm_runtime.helpers import CHATS, GREEDY, LAYERS, cosines, teacher_forced
 
 from personaxis.engine import Ablate, Add, Cap, Project
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate, prompt_ids
+from personaxis.inference.generation import Sampling, generate, prompt_ids
 
 pytestmark = pytest.mark.vllm
 

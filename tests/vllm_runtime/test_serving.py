@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from serve.serving_helpers import make_app, random_vectors
 from vllm_runtime.helpers import teacher_forced
 
-from personaxis.generation import prompt_ids
+from personaxis.inference.generation import prompt_ids
 from personaxis.serve import ClosedLoop
 from personaxis.vectors.cap import CapConfig
 

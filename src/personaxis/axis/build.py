@@ -42,15 +42,15 @@ from personaxis.axis.library import (
     select,
 )
 from personaxis.axis.space import PCA, assistant_axis, cosine, pc1_cosine_by_layer, pca, role_vectors
-from personaxis.datasets import read_json
+from personaxis.backends.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
+from personaxis.common.datasets import read_json
+from personaxis.common.progress import in_chunks
 from personaxis.errors import PersonaxisError
-from personaxis.extract import meta_for
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
+from personaxis.inference.means import meta_for
 from personaxis.judge import Judge
 from personaxis.model.embedded import resolve_embedded
 from personaxis.model.loading import ChatModel
-from personaxis.progress import in_chunks
-from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.vectors import Vectors
 
@@ -518,8 +518,8 @@ def _artifacts(
     summary: dict[str, Any],
 ) -> AxisBuild:
     from personaxis.axis import plots
-    from personaxis.capture import residual_norms
-    from personaxis.datasets import neutral_texts
+    from personaxis.common.datasets import neutral_texts
+    from personaxis.inference.capture import residual_norms
     from personaxis.store import atomic_write_text
 
     layers = list(range(model.n_layers))

@@ -23,15 +23,15 @@ import torch
 from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.evals import CapabilityItem, JailbreakItem, JudgeRubric, grade_capability
 from personaxis.axis.space import check_percentile, pareto_front, percentile
+from personaxis.backends.runs import LocalBackend, Rollout, run_captures, run_rollouts
+from personaxis.common.progress import in_chunks
+from personaxis.common.stats import below, check_alpha
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
+from personaxis.inference.steering import cap_op
 from personaxis.judge import Judge
 from personaxis.judge.scoring import Distribution, classify_from
 from personaxis.model.loading import ChatModel
-from personaxis.progress import in_chunks
-from personaxis.runs import LocalBackend, Rollout, run_captures, run_rollouts
-from personaxis.stats import below, check_alpha
-from personaxis.steering import cap_op
 from personaxis.store import RunStore, key
 from personaxis.vectors import CapConfig, Vectors
 
@@ -579,7 +579,7 @@ def replay(
     Each version keeps its own history (the capped model sees its own earlier capped replies); all chats and both
     versions advance together, one batch per turn.
     """
-    from personaxis.generation import generate
+    from personaxis.inference.generation import generate
 
     op = cap_op(cap)
     scripts = []

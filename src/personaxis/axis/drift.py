@@ -22,11 +22,11 @@ import torch
 
 from personaxis.axis.build import sample_seed
 from personaxis.axis.evals import Conversation, SimulatedUserPrompt
-from personaxis.capture import turn_means
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, generate
+from personaxis.inference.capture import turn_means
+from personaxis.inference.generation import Sampling, generate
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore, key
 
 if TYPE_CHECKING:

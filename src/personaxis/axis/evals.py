@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from personaxis.datasets import parse_json, read_text
+from personaxis.common.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 __all__ = [

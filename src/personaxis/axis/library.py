@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from personaxis.datasets import parse_json, read_text
+from personaxis.common.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 __all__ = [

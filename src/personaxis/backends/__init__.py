@@ -1,7 +1,7 @@
 """Where rollouts are generated: locally (the HF runtime or vLLM), on a Ray cluster, or by an OpenAI-compatible server.
 
-Every backend implements `personaxis.runs.Backend` (`identity` + `stream`), so the pipeline stages do not change
-with the backend. In all of them the process running the stage is the only writer of the run store: results come
+Every backend implements `personaxis.backends.runs.Backend` (`identity` + `stream`), so the pipeline stages do not
+change with the backend. In all of them the process running the stage is the only writer of the run store: results come
 back to it and it writes them as they arrive. `backend_from_options` turns the command-line options into one.
 """
 
@@ -16,9 +16,9 @@ import torch
 
 from personaxis.backends.openai_backend import OpenAIBackend, RequestStats
 from personaxis.backends.ray_backend import RayBackend, RayJudge, RayStats
+from personaxis.backends.runs import Backend, LocalBackend
 from personaxis.errors import PersonaxisError
 from personaxis.model.loading import ChatModel, load_model
-from personaxis.runs import Backend, LocalBackend
 
 EXECUTORS = ("local", "ray")
 GENERATORS = ("local", "openai", "vllm")

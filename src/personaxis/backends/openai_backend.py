@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
-from personaxis.capture import _batched_means, iter_means
+from personaxis.backends.runs import Rollout, RolloutResult
 from personaxis.errors import PersonaxisError
+from personaxis.inference.capture import _batched_means, iter_means
 from personaxis.judge.api import _describe, _retry_after
 from personaxis.model.loading import ChatModel
-from personaxis.runs import Rollout, RolloutResult
 
 log = logging.getLogger("personaxis.backends")
 

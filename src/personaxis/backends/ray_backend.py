@@ -27,11 +27,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from personaxis.backends.runs import LocalBackend, Rollout, RolloutResult, longest_first
 from personaxis.errors import PersonaxisError
 from personaxis.judge.base import Judge
 from personaxis.judge.scoring import MIN_MASS, Distribution
 from personaxis.model.loading import DTYPES, model_name
-from personaxis.runs import LocalBackend, Rollout, RolloutResult, longest_first
 from personaxis.store import RunStore
 
 _LENGTH_CHUNK = 2000  # rollouts per tokenization task
@@ -56,7 +56,7 @@ class _Replica:
         return self.local.identity()
 
     def lengths(self, rollouts: list[Rollout]) -> list[int]:
-        from personaxis.generation import prompt_ids
+        from personaxis.inference.generation import prompt_ids
 
         return [len(prompt_ids(self.local.model, r.chat)) for r in rollouts]
 

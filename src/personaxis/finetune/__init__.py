@@ -1,14 +1,12 @@
 """Finetuning with persona vectors: LoRA training with preventative steering or ablation, and the finetuning shift.
 
-The names below load on first use, so that the CLI can import `register` without pulling in torch and PEFT.
+The names below load on first use, so that importing the package does not pull in torch and PEFT.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import Any
-
-from personaxis.finetune.commands import register
 
 _EXPORTS = {
     "FinetuneResult": "train",
@@ -22,7 +20,7 @@ _EXPORTS = {
     "load_tuned": "shift",
 }
 
-__all__ = [*_EXPORTS, "register"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
 from personaxis.model import ChatModel, load_model
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.store import RunStore
 from personaxis.vectors import Vectors
 

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from personaxis import __version__
+from personaxis.common.progress import progress_bar
 from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
-from personaxis.generation import stop_token_ids
+from personaxis.inference.generation import stop_token_ids
 from personaxis.model import ChatModel, Label, RenderedChat
-from personaxis.progress import progress_bar
 from personaxis.store import atomic_write_text, canonical_json
 
 CONFIG_FILE = "personaxis_finetune.json"

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Generation, Sampling, prompt_ids
+from personaxis.inference.generation import Generation, Sampling, prompt_ids
 from personaxis.model import ChatModel
 from personaxis.serve.loop import ClosedLoop, Conversations, conversation_key
 from personaxis.serve.metrics import Metrics

@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from personaxis.engine import Op, Trace
-from personaxis.generation import Generation, accepts, sample_next, stop_token_ids
+from personaxis.inference.generation import Generation, accepts, sample_next, stop_token_ids
 from personaxis.model import ChatModel
 from personaxis.model.cache import append_rows, cache_argument, drop_left, returned_cache
 from personaxis.serve.plan import Registry
 
 if TYPE_CHECKING:
-    from personaxis.generation import Sampling
+    from personaxis.inference.generation import Sampling
     from personaxis.serve.worker import Job
 
 

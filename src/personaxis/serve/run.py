@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from personaxis.datasets import read_json
+from personaxis.common.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.serve.app import Limits, create_app
 from personaxis.serve.loop import ClosedLoop

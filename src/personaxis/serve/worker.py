@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Generation, Sampling, generate_batch
+from personaxis.inference.generation import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import returned_cache, spliceable

@@ -29,14 +29,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.common.progress import progress_bar
+from personaxis.common.stats import check_alpha, rise_p, spearman
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
+from personaxis.inference.steering import steer_op
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
-from personaxis.stats import check_alpha, rise_p, spearman
-from personaxis.steering import steer_op
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
 from personaxis.traits.judging import judge_replies

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
+from personaxis.backends.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.errors import PersonaxisError
-from personaxis.extract import meta_for
-from personaxis.generation import Sampling
+from personaxis.inference.generation import Sampling
+from personaxis.inference.means import meta_for
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.runs import Backend, LocalBackend, Rollout, check_backend, run_rollouts
 from personaxis.store import Record, RunStore
 from personaxis.traits.files import SAMPLES, VECTORS, write_jsonl
 from personaxis.traits.judging import JudgeCounts, Judged, judge_replies

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from personaxis.datasets import read_text
+from personaxis.common.datasets import read_text
 from personaxis.errors import PersonaxisError
 from personaxis.store import atomic_write_text
 

@@ -98,7 +98,7 @@ class LocalGenerator:
         self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
 
     def complete(self, messages: Sequence[dict[str, str]]) -> str:
-        from personaxis.generation import Sampling, generate
+        from personaxis.inference.generation import Sampling, generate
 
         sampling = Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed)
         return generate(self.model, [list(messages)], sampling)[0].text

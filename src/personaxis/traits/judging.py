@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from personaxis.common.progress import in_chunks
 from personaxis.judge import Judge, ScoreResult, coherence_prompt, trait_prompt
-from personaxis.progress import in_chunks
 
 
 @dataclass(frozen=True)

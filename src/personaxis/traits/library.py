@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
-from personaxis.datasets import parse_json, read_text
+from personaxis.common.datasets import parse_json, read_text
 from personaxis.errors import PersonaxisError
 
 N_PAIRS = 5

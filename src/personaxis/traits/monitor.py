@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from personaxis.capture import encode_means
-from personaxis.generation import Sampling, generate_batch, prompt_ids
+from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.common.stats import pearson
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend, Rollout, run_rollouts
-from personaxis.stats import pearson
 from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
 from personaxis.traits.judging import judge_replies

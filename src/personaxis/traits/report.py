@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from personaxis.datasets import read_json
+from personaxis.common.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.traits import files
 from personaxis.traits.extraction import REASONS

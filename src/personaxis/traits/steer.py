@@ -11,12 +11,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from personaxis.backends.runs import LocalBackend
 from personaxis.engine import Add, Op
 from personaxis.engine.ops import When
 from personaxis.errors import PersonaxisError
+from personaxis.inference.steering import Units, steer_op, steering
 from personaxis.model.loading import ChatModel
-from personaxis.runs import LocalBackend
-from personaxis.steering import Units, steer_op, steering
 from personaxis.vectors import Vectors
 
 

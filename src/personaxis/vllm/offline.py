@@ -1,10 +1,10 @@
 """`VLLMModel`: personaxis generation on vLLM's offline engine, in this process.
 
 It is a handle like `ChatModel` (name, layers, hidden size, tokenizer, chat rendering), so the same vectors validate
-against it, and `generate` takes the same chats, `Sampling`, ops and captures as `personaxis.generation.generate` and
-returns the same `Generation`s: replies, response/prompt means recorded in the same pass, per-token projections and
-cap hits. The engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the ops handed to a request and
-what it read out never leave it.
+against it, and `generate` takes the same chats, `Sampling`, ops and captures as
+`personaxis.inference.generation.generate` and returns the same `Generation`s: replies, response/prompt means recorded
+in the same pass, per-token projections and cap hits. The engine runs in this process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so the ops handed to a request and what it read out never leave it.
 
 Replies match the HF runtime: the prompt is rendered by personaxis (the model's own template), the end-of-turn tokens
 are the HF runtime's, and when a request reads out activations it asks vLLM for one token more than its budget and
@@ -30,7 +30,7 @@ import torch
 
 from personaxis.engine.ops import Op, Project, Record, validate_ops
 from personaxis.errors import PersonaxisError
-from personaxis.generation import CAPTURES, Generation, Sampling, check_request, prompt_ids, stop_token_ids
+from personaxis.inference.generation import CAPTURES, Generation, Sampling, check_request, prompt_ids, stop_token_ids
 from personaxis.model.chat import TokenizerChat
 from personaxis.model.loading import model_name
 from personaxis.vllm import plugin
@@ -165,7 +165,7 @@ class VLLMModel(TokenizerChat):
         captures: Sequence[str] = ("response",),
         progress: bool = False,
     ) -> list[Generation]:
-        """As `personaxis.generation.generate`, on vLLM; all chats go to the engine at once and it batches them."""
+        """As `personaxis.inference.generation.generate`, on vLLM; all chats go to the engine at once, batched there."""
         prompts = [prompt_ids(self, chat) for chat in chats]
         settings = check_request(prompts, sampling, captures)
         if row_ops is not None and len(row_ops) != len(prompts):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from personaxis.engine.ops import Op, validate_ops
-from personaxis.generation import Generation
+from personaxis.inference.generation import Generation
 from personaxis.serve.plan import Registry
 from personaxis.serve.worker import Job, QueueFull, post
 from personaxis.vllm.offline import VLLMModel

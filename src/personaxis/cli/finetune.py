@@ -10,15 +10,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from personaxis.cli.options import DeviceOpt, DtypeOpt, ModelOpt
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
     from personaxis.traits.library import TraitSpec
     from personaxis.vectors import Vectors
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or embedded name")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: where the model loads)")]
 
 
 def register(app: typer.Typer) -> None:
@@ -66,8 +63,8 @@ def shift_command(
 
     from personaxis.finetune.shift import Shift, last_prompt_projection, load_tuned
     from personaxis.model import load_model
-    from personaxis.screening import check_output, default_layer
     from personaxis.store import RunStore, atomic_write_text
+    from personaxis.traits.screening import check_output, default_layer
     from personaxis.vectors import Vectors
 
     console = Console()
@@ -142,11 +139,11 @@ def finetune_command(
     device: DeviceOpt = None,
 ) -> None:
     """Train a LoRA adapter, optionally steering along (or ablating) a trait direction only while it trains."""
-    from personaxis.datasets import parse_layers, read_chats
+    from personaxis.common.datasets import parse_layers, read_chats
     from personaxis.finetune.train import TrainConfig, check_adapter_dir, finetune
+    from personaxis.inference.steering import ablate_op, steer_op
     from personaxis.model import load_model
-    from personaxis.screening import default_layer
-    from personaxis.steering import ablate_op, steer_op
+    from personaxis.traits.screening import default_layer
     from personaxis.vectors import Vectors
 
     if prevent is not None and ablate is not None:

@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from personaxis.progress import in_chunks, progress_bar
+from personaxis.common.progress import in_chunks, progress_bar
 
 
 def _log_console() -> tuple[Console, io.StringIO]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from cli_runner import invoke as run_cli
 
-import personaxis.runs
+import personaxis.backends.runs
 from personaxis.axis.library import load_roles
 from personaxis.store import RunStore
 from personaxis.vectors import CapConfig, Vectors
@@ -64,9 +64,9 @@ def test_build_writes_artifacts(run):
 def test_a_screened_build_of_the_same_rollouts(monkeypatch, capsys, folder, run, tmp_path):
     shutil.copytree(run, tmp_path / "screened")
     generated = []
-    original = personaxis.runs.generate_batch
+    original = personaxis.backends.runs.generate_batch
     monkeypatch.setattr(
-        personaxis.runs,
+        personaxis.backends.runs,
         "generate_batch",
         lambda m, prompts, *a, **k: generated.extend(prompts) or original(m, prompts, *a, **k),
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personaxis.errors import PersonaxisError
-from personaxis.steering import describe_strength, parse_strength, steer_op
+from personaxis.inference.steering import describe_strength, parse_strength, steer_op
 from personaxis.vectors import VectorMeta, Vectors
 
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from personaxis.backend_cli import BackendOptions, backend_options, judge_on
+from personaxis.cli.options import BackendOptions, DeviceOpt, DtypeOpt, ModelOpt, backend_options, judge_on, load
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
@@ -30,20 +30,10 @@ console = Console()
 err = Console(stderr=True)
 
 TraitArg = Annotated[str, typer.Argument(help="a shipped trait name (evil, humorous...) or a trait .json file")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
 JudgeOpt = Annotated[str, typer.Option(help="local:MODEL, local:same (the studied model) or openai:MODEL@BASE_URL")]
 VectorsOpt = Annotated[Path, typer.Option("--vectors", "-v", help="the trait's vectors.safetensors")]
 RunOpt = Annotated[Path | None, typer.Option(help="run folder (default: runs/traits/<trait>-<model>)")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
 AnyCountsOpt = Annotated[bool, typer.Option(help="accept trait files with other than 5 pairs and 20 + 20 questions")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: where the model loads)")]
-
-
-def _load(spec: str, dtype: str = "auto", device: str | None = None):
-    from personaxis.model import load_model
-
-    with console.status(f"loading {spec}..."):
-        return load_model(spec, dtype=dtype, device=device)
 
 
 def _trait(name: str, any_counts: bool):
@@ -67,7 +57,7 @@ def _judge(spec: str, store, model, device: str | None = None):
 
     kind, _, rest = spec.partition(":")
     if kind == "local" and rest and rest != "same":
-        return judge_from_spec("local:same", cache=store, same=_load(rest, device=device))
+        return judge_from_spec("local:same", cache=store, same=load(rest, device=device))
     return judge_from_spec(spec, cache=store, same=model)
 
 
@@ -150,7 +140,7 @@ def extract(
 
     With --executor ray a local:same judge runs on the Ray workers too; see docs/scale.md for the backend options.
     """
-    from personaxis.datasets import parse_layers
+    from personaxis.common.datasets import parse_layers
     from personaxis.store import RunStore
     from personaxis.traits.extraction import CAPTURES, ExtractSettings, Thresholds, extract_trait, extraction_layers
     from personaxis.traits.files import VECTORS, slug
@@ -163,7 +153,7 @@ def extract(
         pairs=pairs, batch_size=batch_size, thresholds=Thresholds(pos_min, neg_max, coherence_min, min_gap),
         min_pairs=min_pairs,
     )  # fmt: skip
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     store = RunStore(run or Path("runs/traits") / f"{spec.name}-{slug(m.name)}")
     chosen = extraction_layers(m, parse_layers(layers, m.n_layers))
     with backend_options.open(m, chosen, CAPTURES, batch_size) as backend:
@@ -202,7 +192,7 @@ def calibrate(
     device: DeviceOpt = None,
 ):
     """Sweep layers × strengths on held-out questions; store the best coherent (layer, strength) in the vectors."""
-    from personaxis.datasets import parse_layers
+    from personaxis.common.datasets import parse_layers
     from personaxis.store import RunStore
     from personaxis.traits import calibrate as cal
     from personaxis.traits.files import CALIBRATION, CALIBRATION_PLOT, write_json
@@ -215,7 +205,7 @@ def calibrate(
         max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min,
         repetition_max=repetition_max, alpha=alpha, batch_size=batch_size,
     )  # fmt: skip
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     v = _vectors(vectors, m, spec)
     store = RunStore(run or vectors.parent)
     chosen = parse_layers(layers, m.n_layers) if layers else None
@@ -275,7 +265,7 @@ def monitor_eval(
         pairs=pairs, questions=questions, few_shot=few_shot, max_new_tokens=max_tokens, temperature=temperature,
         batch_size=batch_size,
     )  # fmt: skip
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     v = _vectors(vectors, m, spec)
     store = RunStore(run or vectors.parent)
     samples = vectors.parent / SAMPLES
@@ -312,7 +302,7 @@ def monitor(
     device: DeviceOpt = None,
 ):
     """Print the projection of the last prompt token on a trait vector: how strongly the reply will show the trait."""
-    from personaxis.datasets import read_chats
+    from personaxis.common.datasets import read_chats
     from personaxis.traits.monitor import prompt_projections
     from personaxis.traits.steer import calibration_choice
 
@@ -325,7 +315,7 @@ def monitor(
         if chat is not None
         else [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]]
     )
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     v = _vectors(vectors, m)
     if layer is None:
         layer = (calibration_choice(v) or {}).get("layer")

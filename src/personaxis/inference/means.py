@@ -1,7 +1,7 @@
 """Directions from chats: the mean of span activations over a set, or the difference between two sets' means.
 
 Every artifact records the model's mean residual norm per layer on neutral text, so that a coefficient can be given
-relative to it (see `personaxis.steering`).
+relative to it (see `personaxis.inference.steering`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from personaxis.capture import iter_means, residual_norms
-from personaxis.datasets import neutral_texts
+from personaxis.common.datasets import neutral_texts
+from personaxis.inference.capture import iter_means, residual_norms
 from personaxis.model.loading import ChatModel
 from personaxis.vectors import VectorMeta, Vectors, config_hash
 

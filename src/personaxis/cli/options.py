@@ -1,4 +1,5 @@
-"""The backend options of the pipeline commands (`axis build`, `trait extract`), declared once.
+"""The options and helpers every command shares, declared once: the model options, `load` (a model, with a line
+while it loads), and the backend options of the pipeline commands (`axis build`, `trait extract`).
 
 `@backend_options` adds ``--executor``, ``--ray-address``, ``--workers``, ``--generator``, ``--base-url``,
 ``--generator-model`` and ``--vllm-args`` to a typer command and hands the command one `BackendOptions` (its keyword
@@ -22,9 +23,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from personaxis.backends.runs import Backend
     from personaxis.judge import Judge
     from personaxis.model import ChatModel
-    from personaxis.runs import Backend
     from personaxis.vllm import VLLMModel
 
 _OPTIONS: tuple[tuple[str, Any, Any, str], ...] = (  # name, type, default, help
@@ -68,6 +69,21 @@ class BackendOptions:
             close = getattr(backend, "close", None)
             if close is not None:
                 close()
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps... (default: where the model loads)")]
+
+
+def load(spec: str, dtype: str = "auto", device: str | None = None) -> ChatModel:
+    """The model a command names, loaded while a status line says so."""
+    from rich.console import Console
+
+    from personaxis.model import load_model
+
+    with Console(stderr=True).status(f"loading {spec}..."):
+        return load_model(spec, dtype=dtype, device=device)
 
 
 GeneratorOpt = Annotated[str, typer.Option(help="local (the HF runtime) or vllm (vLLM in this process)")]

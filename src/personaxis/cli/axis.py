@@ -15,13 +15,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from personaxis.backend_cli import (
+from personaxis.cli.options import (
     BackendOptions,
+    DeviceOpt,
+    DtypeOpt,
     GeneratorOpt,
+    ModelOpt,
     VLLMArgsOpt,
     backend_options,
     check_generator,
     judge_on,
+    load,
     open_generator,
 )
 from personaxis.errors import PersonaxisError
@@ -33,19 +37,9 @@ cap_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Activati
 console = Console()
 err = Console(stderr=True)
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
 AxisOpt = Annotated[Path, typer.Option("--axis", "-a", help="an axis artifact (.safetensors from `axis build`)")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps... (default: where the model loads)")]
 CAPABILITY_TOKENS = 256  # worked sums: Qwen2.5-Coder-1.5B ends 500 of 560 between 129 and 256 tokens
 JUDGE_HELP = "local:same, local:MODEL, openai:MODEL@BASE_URL"
-
-
-def _load(spec: str, dtype: str = "auto", device: str | None = None):
-    from personaxis.model import load_model
-
-    with console.status(f"loading {spec}..."):
-        return load_model(spec, dtype=dtype, device=device)
 
 
 def _say(message: str) -> None:
@@ -171,7 +165,7 @@ def build_cmd(
     backend_options.check()
     role_library = load_roles(roles_file) if roles_file else None
     question_library = load_questions(questions_file) if questions_file else None
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     with backend_options.open(m, range(m.n_layers), CAPTURES, config.batch_size) as backend:
         judge_obj = None
         if config.judged:
@@ -315,12 +309,12 @@ def steer_cmd(
     device: DeviceOpt = None,
 ):
     """Reply to a prompt steered along the Assistant Axis."""
-    from personaxis.datasets import parse_layers
-    from personaxis.generation import Sampling, generate
-    from personaxis.steering import project_op, steer_op
+    from personaxis.common.datasets import parse_layers
+    from personaxis.inference.generation import Sampling, generate
+    from personaxis.inference.steering import project_op, steer_op
 
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     vectors, target = _axis(axis, m)
     name = _axis_name(vectors)
     chosen = [target] if layers is None else parse_layers(layers, m.n_layers)
@@ -367,7 +361,7 @@ def drift_cmd(
     from personaxis.axis.evals import load_conversations, load_simulated_user
     from personaxis.axis.plots import drift_trajectories
     from personaxis.axis.report import DRIFT
-    from personaxis.generation import Sampling
+    from personaxis.inference.generation import Sampling
     from personaxis.store import RunStore
 
     allowed = ("coding", "writing", "therapy", "philosophy")
@@ -393,7 +387,7 @@ def drift_cmd(
     run = run or _run_of(axis)
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=0.9 if temperature > 0 else 1.0)
     prompt = load_simulated_user() if simulated_user else None
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     vectors, target = _axis(axis, m)
     layer = target if layer is None else layer
     unit = vectors.unit(layer, _axis_name(vectors))
@@ -461,7 +455,7 @@ def _run_of(axis: Path) -> Path:
 
 def _window(spec: str | None, size: int, n_layers: int) -> list[int]:
     from personaxis.axis.capping import default_window
-    from personaxis.datasets import parse_layers
+    from personaxis.common.datasets import parse_layers
 
     return default_window(n_layers, size) if spec is None else parse_layers(spec, n_layers)
 
@@ -574,9 +568,9 @@ def sweep_cmd(
     from personaxis.axis.library import select
     from personaxis.axis.plots import separation_by_layer, sweep_front
     from personaxis.axis.report import SWEEP
-    from personaxis.generation import Sampling
+    from personaxis.common.stats import check_alpha
+    from personaxis.inference.generation import Sampling
     from personaxis.judge.spec import judge_from_spec
-    from personaxis.stats import check_alpha
 
     sizes = _numbers(windows, "windows", int)
     qs = _numbers(percentiles, "percentiles")
@@ -600,7 +594,7 @@ def sweep_cmd(
     jb_items = select(load_jailbreaks().items(), jailbreaks if jailbreaks is not None else 10**9, seed)
     cap_items = select(load_capability().items, capability if capability is not None else 10**9, seed)
     rubric = load_jailbreak_rubric()
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     vectors, target = _axis(axis, m)
     store = _check_run(run, m.name)
     name = _axis_name(vectors)
@@ -696,13 +690,13 @@ def replay_cmd(
     """The same user turns with and without capping: replies regenerated both ways, per-turn projections compared."""
     from personaxis.axis.capping import replay
     from personaxis.axis.plots import replay_plot
-    from personaxis.datasets import read_chats
-    from personaxis.generation import Sampling
+    from personaxis.common.datasets import read_chats
+    from personaxis.inference.generation import Sampling
     from personaxis.vectors import CapConfig
 
     chat_list = read_chats(chats)
     cap = CapConfig.load(config)
-    m = _load(model, dtype, device)
+    m = load(model, dtype, device)
     for warning in cap.validate(m):
         _say(f"warning: {warning}")
     if axis is not None:

@@ -2,9 +2,9 @@
 
 import torch
 
-from personaxis.capture import encode_means
-from personaxis.generation import Sampling
-from personaxis.runs import LocalBackend, Rollout, longest_first, run_captures, run_rollouts
+from personaxis.backends.runs import LocalBackend, Rollout, longest_first, run_captures, run_rollouts
+from personaxis.inference.capture import encode_means
+from personaxis.inference.generation import Sampling
 from personaxis.store import RunStore
 
 

@@ -9,8 +9,6 @@ move the model toward the trait when trained on; the dataset's mean ΔP scores t
 Both stages go through the run store and resume: y' is generated as text only (the same greedy reply serves every
 layer, so screening again at another layer generates nothing), then (x, y) and (x, y') are encoded through the same
 chat template, so both sides of the difference are tokenized alike.
-
-Heavy modules are imported inside functions: `register` is imported by the CLI at start-up.
 """
 
 from __future__ import annotations
@@ -21,17 +19,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import typer
-
-from personaxis.backend_cli import GeneratorOpt, VLLMArgsOpt, check_generator, open_generator
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
     import torch
 
-    from personaxis.generation import Sampling
+    from personaxis.inference.generation import Sampling
     from personaxis.model import ChatModel
     from personaxis.store import RunStore
     from personaxis.vectors import Vectors
@@ -62,7 +57,7 @@ class Sample:
 
 def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
     """Chats from JSONL that each end with a non-empty assistant reply; a line that does not stops everything."""
-    from personaxis.datasets import read_chats
+    from personaxis.common.datasets import read_chats
 
     path = Path(path)
     chats = read_chats(path)
@@ -157,8 +152,8 @@ def screen(
     y' come from `generator` when given (vLLM), else from `model`; the captures always from `model`."""
     import torch
 
-    from personaxis.generation import Sampling
-    from personaxis.runs import LocalBackend, Rollout, run_captures, run_rollouts
+    from personaxis.backends.runs import LocalBackend, Rollout, run_captures, run_rollouts
+    from personaxis.inference.generation import Sampling
 
     if not samples:
         raise PersonaxisError("no samples to screen")
@@ -258,69 +253,21 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# -- command line ----------------------------------------------------------------------------------------------
+def write_outputs(result: Screening, layer: int, out: Path, about: dict[str, Any]) -> tuple[Path, Path]:
+    """Write the ranked samples to `out`, their ΔP histogram beside it (.png) and a summary (.summary.json).
 
-
-def register(app: typer.Typer) -> None:
-    """Add the `screen` command to the personaxis CLI."""
-    app.command("screen")(screen_command)
-
-
-def screen_command(
-    data: Annotated[Path, typer.Argument(help="chats.jsonl; each chat ends with the assistant reply to screen")],
-    trait_vectors: Annotated[Path, typer.Option("--trait-vectors", help="a vectors .safetensors file")],
-    model: Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or embedded name")],
-    layer: Annotated[int | None, typer.Option(help="default: the calibrated layer, else the middle one")] = None,
-    out: Annotated[Path | None, typer.Option(help="ranked .jsonl or .parquet (default: DATA.screened.jsonl)")] = None,
-    run: Annotated[Path, typer.Option(help="run folder caching the model's own replies and the captures")] = Path(
-        "runs/screen"
-    ),
-    name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
-    max_tokens: Annotated[int, typer.Option(help="length limit of the model's own replies")] = 256,
-    batch_size: int = 8,
-    generator: GeneratorOpt = "local",
-    vllm_args: VLLMArgsOpt = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1... (default: where the model loads)")] = None,
-) -> None:
-    """Rank training samples by ΔP, how far their replies sit along a trait beyond the model's own replies."""
-    from rich.console import Console
-
-    from personaxis.generation import Sampling
-    from personaxis.model import load_model
-    from personaxis.store import RunStore
-    from personaxis.vectors import Vectors
-
-    console = Console(stderr=True)
-    check_generator(generator, vllm_args)
-    samples = read_samples(data)
-    vectors = Vectors.load(trait_vectors)
-    direction = vectors.resolve(name)
-    out = check_output(out or data.with_name(f"{data.stem}.screened.jsonl"))
-    chosen = default_layer(vectors) if layer is None else layer
-    vectors.row(chosen)  # refuse a layer the file does not have before loading anything
-    sampling = Sampling(max_new_tokens=max_tokens)
-    store = RunStore(run)
-    with console.status(f"loading {model}..."):
-        m = load_model(model, dtype=dtype, device=device)
-    for warning in vectors.validate(m):
-        console.print(f"warning: {warning}", markup=False, highlight=False)
-    result = screen(m, samples, vectors, [chosen], store, name=direction, sampling=sampling, batch_size=batch_size,
-                    generator=open_generator(m, generator, vllm_args, batch_size), progress=True)  # fmt: skip
-    rows = result.ranked(chosen)
-    write_rows(rows, out)
-    mean = result.mean(chosen)
-    png, summary = out.with_suffix(".png"), out.with_suffix(".summary.json")
-    plot_histogram([row["delta_p"] for row in rows], png, f"{direction} at layer {chosen}: {len(rows)} samples")
-    missing = sum(row["delta_p"] is None for row in rows)
+    `about` says what was screened (data, vectors, direction, model, settings); it is stored in the summary as given.
+    Returns the histogram's and the summary's paths.
+    """
     from personaxis.store import atomic_write_text
 
-    atomic_write_text(summary, json.dumps({
-        "data": str(data), "vectors": str(trait_vectors), "direction": direction, "model": m.name, "layer": chosen,
-        "n_samples": len(rows), "n_without_base_reply": missing, "mean_delta_p": _finite(mean),
-        "max_new_tokens": max_tokens, "ranked": str(out), "histogram": str(png),
-    }, indent=2) + "\n")  # fmt: skip
-    typer.echo(f"mean ΔP {mean:.4g} over {len(rows) - missing} samples ({direction}, layer {chosen})")
-    typer.echo(f"wrote {out}, {png}, {summary}")
-    if missing:
-        console.print(f"warning: {missing} prompts got an empty reply from the model; their ΔP is left empty")
+    rows = result.ranked(layer)
+    write_rows(rows, out)
+    png, summary = out.with_suffix(".png"), out.with_suffix(".summary.json")
+    title = f"{about.get('direction', 'trait')} at layer {layer}: {len(rows)} samples"
+    plot_histogram([row["delta_p"] for row in rows], png, title)
+    missing = sum(row["delta_p"] is None for row in rows)
+    record = {**about, "layer": layer, "n_samples": len(rows), "n_without_base_reply": missing,
+              "mean_delta_p": _finite(result.mean(layer)), "ranked": str(out), "histogram": str(png)}  # fmt: skip
+    atomic_write_text(summary, json.dumps(record, indent=2) + "\n")
+    return png, summary

@@ -7,10 +7,10 @@ import torch
 from cli_runner import invoke as run_cli
 
 from personaxis.errors import PersonaxisError
-from personaxis.generation import Sampling, stop_token_ids
+from personaxis.inference.generation import Sampling, stop_token_ids
 from personaxis.model import Label
-from personaxis.screening import Sample, check_output, default_layer, read_samples, screen
 from personaxis.store import RunStore
+from personaxis.traits.screening import Sample, check_output, default_layer, read_samples, screen
 from personaxis.vectors import VectorMeta, Vectors
 
 CHATS = [
@@ -88,12 +88,12 @@ def test_resumes_and_another_layer_generates_nothing(tiny, tmp_path, monkeypatch
     first = screen(tiny, samples_of(CHATS), vectors, [1], store, sampling=Sampling(max_new_tokens=4))
     assert store.count("rollouts") == 3  # one greedy reply per distinct prompt...
     assert store.count("captures") == 4 + 3  # ...encoded once
-    import personaxis.runs
+    import personaxis.backends.runs
 
     def no_generation(*args, **kwargs):
         raise AssertionError("generated again")
 
-    monkeypatch.setattr(personaxis.runs, "generate_batch", no_generation)
+    monkeypatch.setattr(personaxis.backends.runs, "generate_batch", no_generation)
     again = screen(tiny, samples_of(CHATS), vectors, [1], store, sampling=Sampling(max_new_tokens=4))
     torch.testing.assert_close(again.delta, first.delta)
     other = screen(tiny, samples_of(CHATS), vectors, [0, 1], store, sampling=Sampling(max_new_tokens=4))
@@ -101,13 +101,13 @@ def test_resumes_and_another_layer_generates_nothing(tiny, tmp_path, monkeypatch
 
 
 def test_empty_base_reply_leaves_delta_empty(tiny, tmp_path, monkeypatch):
-    import personaxis.runs
-    from personaxis.generation import Generation
+    import personaxis.backends.runs
+    from personaxis.inference.generation import Generation
 
     def silent(model, prompts, sampling, **kwargs):
         return [Generation(list(p), [], "", "stop") for p in prompts]
 
-    monkeypatch.setattr(personaxis.runs, "generate_batch", silent)
+    monkeypatch.setattr(personaxis.backends.runs, "generate_batch", silent)
     result = screen(tiny, samples_of(CHATS[:2]), vectors_for(), [1], RunStore(tmp_path / "run"))
     rows = result.ranked(1)
     assert all(row["delta_p"] is None and row["base_projection"] is None for row in rows)

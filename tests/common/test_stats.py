@@ -6,8 +6,8 @@ import itertools
 import numpy as np
 import pytest
 
+from personaxis.common.stats import below, check_alpha, pearson, ranks, rise_p, spearman
 from personaxis.errors import PersonaxisError
-from personaxis.stats import below, check_alpha, pearson, ranks, rise_p, spearman
 
 
 def test_pearson_matches_numpy():

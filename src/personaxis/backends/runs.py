@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from personaxis.capture import AGGREGATIONS, iter_means
+from personaxis.common.progress import progress_bar
 from personaxis.engine import Op
 from personaxis.errors import PersonaxisError
-from personaxis.generation import CAPTURES, Sampling, generate_batch, prompt_ids
+from personaxis.inference.capture import AGGREGATIONS, iter_means
+from personaxis.inference.generation import CAPTURES, Sampling, generate_batch, prompt_ids
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
 from personaxis.store import Record, RunStore, key
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from personaxis.extract import meta_for
-from personaxis.generation import Sampling, generate
+from personaxis.inference.generation import Sampling, generate
+from personaxis.inference.means import meta_for
+from personaxis.inference.steering import project_op, steer_op
 from personaxis.model.loading import ChatModel
-from personaxis.steering import project_op, steer_op
 from personaxis.vectors import Vectors
 
 POSITIVE = (

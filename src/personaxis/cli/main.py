@@ -14,21 +14,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from personaxis import finetune, screening
-from personaxis.axis import cli as axis_cli
-from personaxis.backend_cli import VLLMArgsOpt
+from personaxis.cli import axis as axis_cli
+from personaxis.cli import finetune as finetune_cli
+from personaxis.cli import screen as screen_cli
+from personaxis.cli.options import DtypeOpt, ModelOpt, VLLMArgsOpt, load
+from personaxis.cli.traits import register as register_traits
 from personaxis.errors import PersonaxisError
-from personaxis.traits.cli import register as register_traits
 
 if TYPE_CHECKING:
-    from personaxis.steering import Units
+    from personaxis.inference.steering import Units
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
 err = Console(stderr=True)
-
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="hub id, local folder, .gguf file, or an embedded name")]
-DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")]
 
 
 def _version(value: bool) -> None:
@@ -48,19 +46,12 @@ def _main(
     """Persona vectors and the Assistant Axis on open-weights chat models."""
 
 
-def _load(spec: str, dtype: str = "auto", device: str | None = None):
-    from personaxis.model import load_model
-
-    with console.status(f"loading {spec}..."):
-        return load_model(spec, dtype=dtype, device=device)
-
-
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="hub id, folder, .gguf or embedded name")], dtype: DtypeOpt = "auto"
 ):
     """Layers, hidden size, chat template and system-role support of a model."""
-    m = _load(model, dtype)
+    m = load(model, dtype)
     table = Table(show_header=False)
     for key, value in (
         ("model", m.name),
@@ -92,14 +83,14 @@ def extract(
     dtype: DtypeOpt = "auto",
 ):
     """Per-layer mean of response-token activations over chats, or the difference of two sets' means."""
-    from personaxis.datasets import parse_layers, read_chats
-    from personaxis.extract import mean_difference, mean_vectors
+    from personaxis.common.datasets import parse_layers, read_chats
+    from personaxis.inference.means import mean_difference, mean_vectors
 
     if (chats is None) == (diff is None):
         raise PersonaxisError("give either --chats FILE or --diff POS NEG")
     sets = [read_chats(p, need_assistant=True) for p in ([chats] if chats else list(diff))]
     _check_writable(out)
-    m = _load(model, dtype)
+    m = load(model, dtype)
     chosen = parse_layers(layers, m.n_layers)
     if chats is not None:
         vectors = mean_vectors(m, sets[0], chosen, aggregation=aggregation, name=name, batch_size=batch_size)
@@ -138,9 +129,9 @@ def generate(
     dtype: DtypeOpt = "auto",
 ):
     """Reply to one prompt, optionally steered, capped and monitored."""
-    from personaxis.datasets import parse_layers
-    from personaxis.generation import Sampling, generate_batch, prompt_ids
-    from personaxis.steering import cap_op, check_units, describe_strength, project_op, steer_op
+    from personaxis.common.datasets import parse_layers
+    from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
+    from personaxis.inference.steering import cap_op, check_units, describe_strength, project_op, steer_op
     from personaxis.traits.steer import calibration_choice, trait_steer_op
     from personaxis.vectors import CapConfig, Vectors
 
@@ -150,7 +141,7 @@ def generate(
     loaded = [(path, Vectors.load(path), layer, strength) for path, layer, strength in parsed]
     capping = CapConfig.load(cap) if cap else None
     monitors = [(p, Vectors.load(p)) for p in project or []]
-    m = _load(model, dtype)
+    m = load(model, dtype)
     ops = []
     for path, vectors, layer_spec, strength in loaded:
         vectors.validate(m)
@@ -200,7 +191,7 @@ def _layer_list(layers: list[int]) -> str:
 
 
 def _parse_steer(spec: str, default_units: Units) -> tuple[Path, str | None, tuple[float, Units] | None]:
-    from personaxis.steering import parse_strength
+    from personaxis.inference.steering import parse_strength
 
     if ":" not in spec and spec.endswith(".safetensors"):
         return Path(spec), None, None
@@ -241,8 +232,8 @@ def export_gguf_cmd(
 ):
     """Write a llama.cpp control vector (direction.i = block i), ready for --control-vector-scaled FILE 1.0 when
     a strength is given or calibrated."""
-    from personaxis.datasets import parse_layers
-    from personaxis.steering import check_units, describe_strength, parse_strength
+    from personaxis.common.datasets import parse_layers
+    from personaxis.inference.steering import check_units, describe_strength, parse_strength
     from personaxis.traits.steer import calibration_choice
     from personaxis.vectors import Vectors, export_gguf
 
@@ -331,9 +322,9 @@ def demo(
     dtype: DtypeOpt = "auto",
 ):
     """Extract a persona direction from contrasting system prompts, steer with it, and show the projections."""
-    from personaxis.demo import run_demo
+    from personaxis.traits.demo import run_demo
 
-    run_demo(_load(model, dtype), out, console)
+    run_demo(load(model, dtype), out, console)
 
 
 @app.command()
@@ -382,8 +373,8 @@ def serve(
     )  # fmt: skip
 
 
-screening.register(app)  # screen
-finetune.register(app)  # finetune-shift, finetune
+screen_cli.register(app)  # screen
+finetune_cli.register(app)  # finetune-shift, finetune
 register_traits(app)  # trait new|extract|calibrate|monitor-eval|report, monitor
 app.add_typer(axis_cli.axis_app, name="axis")  # axis build|report|steer
 app.add_typer(axis_cli.cap_app, name="cap")  # cap calibrate|sweep|replay

@@ -13,11 +13,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from personaxis.common.progress import progress_bar
 from personaxis.engine import Record
 from personaxis.errors import PersonaxisError
 from personaxis.model.chat import Label, RenderedChat
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
 
 AGGREGATIONS = ("response", "prompt", "last_prompt")
 

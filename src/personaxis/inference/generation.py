@@ -17,13 +17,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from personaxis.common.progress import progress_bar
 from personaxis.engine import Op, Project, Record, Trace
 from personaxis.errors import PersonaxisError
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import cache_argument, returned_cache
 from personaxis.model.chat import Label
 from personaxis.model.loading import ChatModel
-from personaxis.progress import progress_bar
 
 CAPTURES = ("response", "prompt", "last_prompt")
 

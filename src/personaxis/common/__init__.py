@@ -1,0 +1,1 @@
+"""What every floor shares: progress lines, statistics, and the readers of users' files."""
