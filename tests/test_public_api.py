@@ -9,7 +9,7 @@ import torch
 from serve.serving_helpers import random_vectors
 
 import personaxis as px
-from personaxis.engine import Add, Cap
+from personaxis.engine import Add, Cap, engine_for
 from personaxis.vectors import CapConfig
 
 CHATS = [[{"role": "user", "content": "Plan my weekend"}], [{"role": "user", "content": "Hi"}]]
@@ -54,7 +54,7 @@ def test_steer_on_a_plain_hf_model_is_the_engine_op_and_leaves_it_untouched(tiny
     with px.steer(hf, vectors, 0.2, 2):
         assert _hooks(hf) > hooks
         steered = _logits(hf, ids)
-    with tiny.engine.apply([px.steer_op(vectors, 0.2, 2)]):
+    with engine_for(tiny).apply([px.steer_op(vectors, 0.2, 2)]):
         reference = _logits(hf, ids)
     torch.testing.assert_close(steered, reference, rtol=0, atol=0)
     assert not torch.allclose(steered, before)
@@ -69,7 +69,7 @@ def test_blocks_nest_as_one_apply_with_the_outer_ops_first(tiny):
     with px.steer(tiny, vectors, 0.3, 1), px.cap(tiny, config) as capped, px.monitor(tiny, vectors, 2) as trace:
         nested = _logits(tiny.model, ids)
     ops = [px.steer_op(vectors, 0.3, 1), px.cap_op(config), px.project_op(vectors, 2)]
-    with tiny.engine.apply(ops) as together:
+    with engine_for(tiny).apply(ops) as together:
         reference = _logits(tiny.model, ids)
     torch.testing.assert_close(nested, reference, rtol=0, atol=0)
     torch.testing.assert_close(trace.projections("v"), together.projections("v"), rtol=0, atol=0)

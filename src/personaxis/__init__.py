@@ -13,7 +13,7 @@ Everything a notebook needs is here, in one import (names load on first use, so 
 - artifacts: `Vectors`, `CapConfig`, `export_gguf`, `import_gguf`, `import_reference`;
 - extraction: `mean_difference`, `mean_vectors`;
 - ops as context managers on a `ChatModel` or a plain Hugging Face model (the model is untouched afterwards):
-  `steer`, `ablate`, `cap`, `monitor` (they nest); as ops for `generate(..., ops=)` or `model.engine.apply(ops)`:
+  `steer`, `ablate`, `cap`, `monitor` (they nest); as ops for `generate(..., ops=)` or `engine_for(model).apply(ops)`:
   `steer_op`, `ablate_op`, `cap_op`, `project_op` and the engine's own `Add`, `Ablate`, `Cap`, `Project`, `Record`;
 - the two pipelines: `build_axis` with `BuildConfig` (the Assistant Axis), `extract_trait` with `ExtractSettings` and
   `load_trait` (persona vectors);
@@ -54,6 +54,7 @@ _EXPORTS = {
     "Cap": "personaxis.engine",
     "Project": "personaxis.engine",
     "Record": "personaxis.engine",
+    "engine_for": "personaxis.engine",
     "BuildConfig": "personaxis.axis.build",
     "build_axis": "personaxis.axis.build",
     "ExtractSettings": "personaxis.traits.extraction",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from personaxis.engine import Ablate, Add, Cap, Project, Record
+from personaxis.engine import Ablate, Add, Cap, Project, Record, engine_for
 from personaxis.engine.hooks import _unwrap
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, generate_batch
@@ -26,7 +26,7 @@ def per_token_record(layer, batch, width):
 def activations_with(model, ops, ids, layer):
     """[B, S, H] output of block `layer` after `ops`, read through the engine's own recorder."""
     record = per_token_record(layer, *ids.shape)
-    with torch.no_grad(), model.engine.apply([*ops, record]) as trace:
+    with torch.no_grad(), engine_for(model).apply([*ops, record]) as trace:
         model.model(input_ids=ids)
     return trace.means("tokens")[:, :, 0]
 
@@ -63,7 +63,7 @@ def test_no_ops_attach_nothing_and_logits_are_identical(tiny, ids):
     before = count_hooks()
     with torch.no_grad():
         bare = tiny.model(input_ids=ids).logits
-        with tiny.engine.apply([]):
+        with engine_for(tiny).apply([]):
             assert count_hooks() == before
             hooked = tiny.model(input_ids=ids).logits
     assert torch.equal(bare, hooked)
@@ -73,7 +73,7 @@ def test_readouts_only_leave_logits_identical(tiny, ids):
     u = {1: torch.randn(H)}
     with torch.no_grad():
         bare = tiny.model(input_ids=ids).logits
-        with tiny.engine.apply([Project("p", u), per_token_record(2, *ids.shape)]):
+        with engine_for(tiny).apply([Project("p", u), per_token_record(2, *ids.shape)]):
             hooked = tiny.model(input_ids=ids).logits
     assert torch.equal(bare, hooked)
 
@@ -134,7 +134,7 @@ def test_bf16_interventions_are_fp32_math_rounded_once(bf16_model, kind):
     floor = float(projections.quantile(0.4))
     op = Cap({layer: v}, floor=floor) if kind == "cap" else Ablate({layer: v})
     seen = {}
-    with torch.no_grad(), bf16_model.engine.apply([op]) as trace:
+    with torch.no_grad(), engine_for(bf16_model).apply([op]) as trace:
         # registered after the engine's hook, so it sees the block's output as the next block will
         hook = bf16_model.blocks[layer].register_forward_hook(lambda m, a, out: seen.update(out=_unwrap(out)))
         try:
@@ -176,7 +176,7 @@ def test_project_matches_reference(tiny, ids):
     layer, v = 2, torch.randn(H)
     h = hidden_states(tiny, ids)
     expected = torch.stack([torch.stack([x @ v / v.norm() for x in row]) for row in h[layer + 1]])
-    with torch.no_grad(), tiny.engine.apply([Project("p", {layer: v})]) as trace:
+    with torch.no_grad(), engine_for(tiny).apply([Project("p", {layer: v})]) as trace:
         tiny.model.model(input_ids=ids)
     torch.testing.assert_close(trace.projections("p")[:, :, 0], expected, rtol=1e-5, atol=1e-5)
 
@@ -186,7 +186,7 @@ def test_projections_of_one_name_on_other_rows_are_one_readout(tiny, ids):
     layer, v, w = 2, torch.randn(H), torch.randn(H)
     h = hidden_states(tiny, ids)[layer + 1]
     ops = [Project("p", {layer: v}, rows=[0]), Project("p", {layer: w}, rows=[1])]
-    with torch.no_grad(), tiny.engine.apply(ops) as trace:
+    with torch.no_grad(), engine_for(tiny).apply(ops) as trace:
         tiny.model.model(input_ids=ids)
     expected = torch.stack([h[0] @ (v / v.norm()), h[1] @ (w / w.norm())])
     torch.testing.assert_close(trace.projections("p")[:, :, 0], expected, rtol=1e-5, atol=1e-5)
@@ -199,9 +199,9 @@ def test_record_streaming_means_and_norms(tiny, ids):
     weights[:, 1:4, 0] = 1
     weights[:, 5:, 1] = 1
     states = hidden_states(tiny, ids)
-    with torch.no_grad(), tiny.engine.apply([Record("m", layers, weights=weights)]) as trace:
+    with torch.no_grad(), engine_for(tiny).apply([Record("m", layers, weights=weights)]) as trace:
         tiny.model.model(input_ids=ids)
-    with torch.no_grad(), tiny.engine.apply([Record("n", layers, weights=weights, stat="norm")]) as trace_norm:
+    with torch.no_grad(), engine_for(tiny).apply([Record("n", layers, weights=weights, stat="norm")]) as trace_norm:
         tiny.model.model(input_ids=ids)
     for j, layer in enumerate(layers):
         h = states[layer + 1]
@@ -215,13 +215,13 @@ def test_read_stops_after_the_deepest_readout_and_equals_a_full_forward(tiny, id
     layer, v = 1, torch.randn(H)
     cap = Cap({layer: v, 3: v}, floor=0.0)  # the cap at 3 lies above the readout: it cannot change layer 1
     ops = [cap, per_token_record(layer, *ids.shape), Project("p", {0: v})]
-    with torch.no_grad(), tiny.engine.apply(ops) as full:
+    with torch.no_grad(), engine_for(tiny).apply(ops) as full:
         tiny.model.model(input_ids=ids)
     ran = []
     spies = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(tiny.blocks)]
     try:
         with torch.no_grad():
-            read = tiny.engine.read(ops, input_ids=ids)
+            read = engine_for(tiny).read(ops, input_ids=ids)
     finally:
         for spy in spies:
             spy.remove()
@@ -230,15 +230,15 @@ def test_read_stops_after_the_deepest_readout_and_equals_a_full_forward(tiny, id
     assert torch.equal(read.projections("p"), full.projections("p"))
     assert len(hidden_states(tiny, ids)) == tiny.n_layers + 1  # the stop is gone: the model runs whole again
     with pytest.raises(PersonaxisError, match="record or project"):
-        tiny.engine.read([cap], input_ids=ids)
+        engine_for(tiny).read([cap], input_ids=ids)
 
 
 def test_bad_ops_are_refused(tiny):
     with pytest.raises(PersonaxisError, match="out of range"):
-        with tiny.engine.apply([Add({9: torch.randn(H)})]):
+        with engine_for(tiny).apply([Add({9: torch.randn(H)})]):
             pass
     with pytest.raises(PersonaxisError, match="hidden size"):
-        with tiny.engine.apply([Add({1: torch.randn(H + 1)})]):
+        with engine_for(tiny).apply([Add({1: torch.randn(H + 1)})]):
             pass
     with pytest.raises(PersonaxisError, match="NaN"):
         Add({1: torch.full((H,), float("nan"))})
@@ -296,7 +296,7 @@ def test_phases_stay_right_when_decoding_resumes_under_a_new_apply(tiny):
         cache = returned_cache(tiny.model(input_ids=prompt, use_cache=True))
         step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, n + 1, dtype=torch.long)}
         step[cache_argument(tiny.model)] = cache
-        with tiny.engine.apply(ops, last_prompt=[n - 1]) as resumed:
+        with engine_for(tiny).apply(ops, last_prompt=[n - 1]) as resumed:
             tiny.model(**step, position_ids=torch.tensor([[n]]), use_cache=True)
     assert torch.isnan(resumed.projections("prompt")[0, n]).all()  # the decoded token is no prompt token
     assert not torch.isnan(resumed.projections("response")[0, n]).any()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers as tf
 
-from personaxis.engine import Add, Project
+from personaxis.engine import Add, Project, engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, generate, generate_batch
 from personaxis.model import ChatModel
@@ -77,7 +77,7 @@ def test_paired_single_rows_give_a_lone_token_the_logits_it_gets_in_a_batch(toke
     ids = torch.arange(20, 84)[:, None]
     with torch.inference_mode():
         batched = model.model(input_ids=ids).logits
-        with model.engine.paired_single_rows():
+        with engine_for(model).paired_single_rows():
             alone = [model.model(input_ids=ids[i : i + 1]).logits[0] for i in range(len(ids))]
     assert all(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
     assert not any(m._forward_pre_hooks for m in model.model.modules())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import MOE, tiny_causal_lm
 
-from personaxis.engine import Ablate, Add, Cap, Project, Record
+from personaxis.engine import Ablate, Add, Cap, Project, Record, engine_for
 from personaxis.engine.hooks import _rewrap, _unwrap
 from personaxis.inference.generation import Sampling, generate_batch
 from personaxis.model import ChatModel
@@ -56,7 +56,7 @@ def engine_forward(model: ChatModel, ids: torch.Tensor, ops):
     """Logits and every block's output through the engine, read by its own recorder (segments = positions)."""
     batch, width = ids.shape
     record = Record("tokens", range(model.n_layers), weights=torch.eye(width).expand(batch, width, width).clone())
-    with torch.no_grad(), model.engine.apply([*ops, record]) as trace:
+    with torch.no_grad(), engine_for(model).apply([*ops, record]) as trace:
         logits = model.model(input_ids=ids, use_cache=False).logits
     means = trace.means("tokens")  # [B, S, L, H]
     return logits, [means[:, :, layer] for layer in range(model.n_layers)]
@@ -143,7 +143,7 @@ def test_project_equals_a_dot_product_and_leaves_logits_bit_identical(moe, ids):
     g = torch.Generator().manual_seed(3)
     v = {layer: torch.randn(H, generator=g) for layer in range(moe.n_layers)}
     bare, plain = hooked_forward(moe, ids)
-    with torch.no_grad(), moe.engine.apply([Project("p", v)]) as trace:
+    with torch.no_grad(), engine_for(moe).apply([Project("p", v)]) as trace:
         hooked = moe.model(input_ids=ids, use_cache=False).logits
     assert torch.equal(bare, hooked)
     got = trace.projections("p")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from personaxis.engine import Add, Record
+from personaxis.engine import Add, Record, engine_for
 from personaxis.inference.capture import encode_means
 from personaxis.inference.generation import Sampling, generate, generate_batch, prompt_ids
 from personaxis.model import Label, load_model
@@ -43,7 +43,7 @@ def test_one_pass_capture_equals_reencoding_in_fp32(smol):
         ids = out.prompt_ids + out.token_ids
         weights = torch.zeros(1, len(ids), 1)
         weights[0, len(out.prompt_ids) :, 0] = 1
-        with torch.no_grad(), smol.engine.apply([Record("r", layers, weights=weights)]) as trace:
+        with torch.no_grad(), engine_for(smol).apply([Record("r", layers, weights=weights)]) as trace:
             smol.model(input_ids=torch.tensor([ids]))
         expected = trace.means("r")[0, 0]
         assert float((out.means["response"] - expected).abs().max() / expected.abs().max()) <= 1e-4

@@ -2,7 +2,7 @@
 
 import torch
 
-from personaxis.engine import Record
+from personaxis.engine import Record, engine_for
 from personaxis.inference.generation import Sampling
 
 CHATS = [
@@ -22,7 +22,7 @@ def teacher_forced(hf, prompt, reply, ops, layers):
     weights = torch.zeros(1, len(prompt) + len(reply), 1)
     weights[0, len(prompt) :, 0] = 1
     record = Record("reply", layers, weights=weights)
-    with torch.no_grad(), hf.engine.apply([*ops, record], last_prompt=[len(prompt) - 1]) as trace:
+    with torch.no_grad(), engine_for(hf).apply([*ops, record], last_prompt=[len(prompt) - 1]) as trace:
         hf.model(input_ids=ids, use_cache=False)
     return trace.means("reply")[0, 0], trace
 

@@ -9,7 +9,7 @@ logits must agree. Chunked prefill and recomputation after preemption are forwar
 import pytest
 import torch
 
-from personaxis.engine import Ablate, Add, Cap, Project, Record
+from personaxis.engine import Ablate, Add, Cap, Project, Record, engine_for
 from personaxis.engine.hooks import _unwrap
 from personaxis.errors import PersonaxisError
 from personaxis.model.cache import cache_argument, returned_cache
@@ -87,7 +87,7 @@ def test_mixed_requests_equal_the_engine(tiny, ids):
         engine_ops += [type(op)(**{**op.__dict__, "rows": (b,)}) for op in ops]
     engine_ops += [Record("r", [0, 2, 3], weights=weights.expand(3, T, 2).clone())]
     engine_ops += [Project("p", {2: u, 3: v})]
-    with torch.no_grad(), tiny.engine.apply(engine_ops, last_prompt=[n - 1 for n in prompt_lens]) as trace:
+    with torch.no_grad(), engine_for(tiny).apply(engine_ops, last_prompt=[n - 1 for n in prompt_lens]) as trace:
         reference = tiny.model(input_ids=ids).logits
 
     requests = [RequestOps(ops + [records[b], projects[b]], prompt_lens[b]) for b, ops in enumerate(per_request)]

@@ -26,6 +26,7 @@ from personaxis.axis.space import check_percentile, pareto_front, percentile
 from personaxis.backends.runs import LocalBackend, Rollout, run_captures, run_rollouts
 from personaxis.common.progress import in_chunks
 from personaxis.common.stats import below, check_alpha
+from personaxis.engine import engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling
 from personaxis.inference.steering import cap_op
@@ -560,7 +561,7 @@ def capped_turn_projections(
     ids = rendered.input_ids[None].to(model.device)
     with torch.inference_mode():
         ops = [cap_op(cap), Record("turns", [layer], weights=weights[None])]
-        trace = model.engine.read(ops, input_ids=ids, attention_mask=torch.ones_like(ids))
+        trace = engine_for(model).read(ops, input_ids=ids, attention_mask=torch.ones_like(ids))
     means = trace.means("turns")[0, :, 0]  # [turns, H], NaN for an empty turn
     values = (means.float() @ unit.float()).tolist()
     return [v if v == v else None for v in values]

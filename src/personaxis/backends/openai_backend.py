@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import queue
-import random
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ from typing import Any
 import torch
 
 from personaxis.backends.runs import Rollout, RolloutResult
+from personaxis.common.retry import Failure, with_retries
 from personaxis.errors import PersonaxisError
 from personaxis.inference.capture import _batched_means, iter_means
-from personaxis.judge.api import _describe, _retry_after
 from personaxis.model.loading import ChatModel
 
 log = logging.getLogger("personaxis.backends")
@@ -187,42 +186,42 @@ class OpenAIBackend:
                 group.create_task(worker())
 
     async def _request(self, client: Any, rollout: Rollout) -> _Reply | None:
-        import openai
-
         s = rollout.sampling
         extra = {"seed": s.seed} if s.seed is not None else {}
-        for attempt in range(self.max_retries + 1):
+
+        async def ask() -> _Reply:
+            response = await client.chat.completions.create(
+                model=self.model_name,
+                messages=rollout.chat,
+                max_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                **extra,
+            )
+            choice = response.choices[0]
+            usage = getattr(response, "usage", None)
+            return _Reply(
+                rollout, choice.message.content or "", choice.finish_reason or "stop",
+                getattr(usage, "completion_tokens", None),
+            )  # fmt: skip
+
+        def attempted() -> None:
             self.stats.requests += 1
-            try:
-                response = await client.chat.completions.create(
-                    model=self.model_name,
-                    messages=rollout.chat,
-                    max_tokens=s.max_new_tokens,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    **extra,
-                )
-                choice = response.choices[0]
-                usage = getattr(response, "usage", None)
-                self.stats.failed.pop(rollout.id, None)
-                return _Reply(
-                    rollout,
-                    choice.message.content or "",
-                    choice.finish_reason or "stop",
-                    getattr(usage, "completion_tokens", None),
-                )
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise PersonaxisError(f"{self.base_url} refused model {self.model_name!r}: {_describe(e)}") from e
-            except (openai.APIError, IndexError, AttributeError) as e:
-                retry_after = _retry_after(e) if isinstance(e, openai.APIError) else None
-                if retry_after is None or attempt == self.max_retries:
-                    self.stats.failed[rollout.id] = _describe(e)
-                    log.warning("rollout %s: no reply after %d attempts: %s", rollout.id, attempt + 1, _describe(e))
-                    return None
-                self.stats.retries += 1
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(min(self.max_backoff, max(delay, retry_after)))
-        raise AssertionError("unreachable")
+
+        def retried() -> None:
+            self.stats.retries += 1
+
+        reply = await with_retries(
+            ask, max_retries=self.max_retries, backoff=self.backoff, max_backoff=self.max_backoff,
+            refused=f"{self.base_url} refused model {self.model_name!r}", on_attempt=attempted, on_retry=retried,
+            fail_on=(IndexError, AttributeError),
+        )  # fmt: skip
+        if isinstance(reply, Failure):
+            self.stats.failed[rollout.id] = reply.error
+            log.warning("rollout %s: no reply after %d attempts: %s", rollout.id, reply.attempts, reply.error)
+            return None
+        self.stats.failed.pop(rollout.id, None)
+        return reply
 
     # -- capture (in the consumer's thread) ----------------------------------------------------------------------
 

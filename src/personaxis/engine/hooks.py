@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -385,3 +386,15 @@ class Engine:
 
 def _stop(module: torch.nn.Module, args: tuple, output: Any) -> None:
     raise _ReadoutsDone
+
+
+_ENGINES: WeakKeyDictionary[ChatModel, Engine] = WeakKeyDictionary()
+
+
+def engine_for(model: ChatModel) -> Engine:
+    """The engine of a model: made on first use, then the same one for as long as the model lives. The model itself
+    knows nothing of hooks; everything that runs ops on it goes through here."""
+    engine = _ENGINES.get(model)
+    if engine is None:
+        engine = _ENGINES[model] = Engine(model)
+    return engine

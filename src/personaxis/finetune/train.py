@@ -4,7 +4,7 @@ Preventative steering (Chen et al. 2025) adds α·v at every position of chosen 
 optimizer then has no reason to move the model along v, since the data's pull in that direction is already supplied
 by the hook; once the hook is removed the tuned model has acquired less of the trait. The ablation variant (as in CAFT)
 removes the direction from the residual stream during training instead. Both are engine ops held by
-`model.engine.apply` around the training loop, so nothing of them remains after it.
+`engine_for(model).apply` around the training loop, so nothing of them remains after it.
 
 The loop is a small one written over PEFT rather than a trainer framework: the loss mask comes from the chat
 renderer's token labels (every assistant message's content and the end-of-turn token that closes it, so the model
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from personaxis import __version__
 from personaxis.common.progress import progress_bar
-from personaxis.engine import Op
+from personaxis.engine import Op, engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import stop_token_ids
 from personaxis.model import ChatModel, Label, RenderedChat
@@ -197,7 +197,7 @@ def finetune(
 
     peft_model.train()
     try:
-        with model.engine.apply(list(ops)), progress_bar(progress, transient=True) as bar:
+        with engine_for(model).apply(list(ops)), progress_bar(progress, transient=True) as bar:
             task = bar.add_task("training", total=total)
             for step, group in enumerate(_groups(examples, config, generator), start=1):
                 n = sum(_n_targets(batch) for batch in group)

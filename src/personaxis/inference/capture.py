@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from personaxis.common.progress import progress_bar
-from personaxis.engine import Record
+from personaxis.engine import Record, engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.model.chat import Label, RenderedChat
 from personaxis.model.loading import ChatModel
@@ -61,7 +61,7 @@ def _batched_means(
     device = model.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
-        trace = model.engine.read(
+        trace = engine_for(model).read(
             [Record("means", layers, weights=w)],
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
         )  # fmt: skip
@@ -172,7 +172,7 @@ def residual_norms(
         record = Record("norms", layers, weights=weights[..., None], stat="norm")
         positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
         with torch.inference_mode():
-            trace = model.engine.read(
+            trace = engine_for(model).read(
                 [record], input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions
             )
         counts = trace.counts("norms")[:, 0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from personaxis.common.progress import progress_bar
-from personaxis.engine import Op, Project, Record, Trace
+from personaxis.engine import Op, Project, Record, Trace, engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import cache_argument, returned_cache
@@ -175,7 +175,7 @@ def generate_batch(
     tokens: list[list[int]] = [[] for _ in range(batch)]
     finish: list[str] = [""] * batch
     ids, mask = ids.to(device), mask.to(device)
-    with torch.inference_mode(), _invariance(model, invariant, batch), model.engine.apply(ops) as trace:
+    with torch.inference_mode(), _invariance(model, invariant, batch), engine_for(model).apply(ops) as trace:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         cache, logits = returned_cache(out), out.logits[:, -1]
@@ -228,7 +228,7 @@ def _invariance(model: ChatModel, invariant: bool, batch: int) -> ExitStack:
     if invariant:
         stack.enter_context(rowwise(model.model))
         if batch == 1:
-            stack.enter_context(model.engine.paired_single_rows())
+            stack.enter_context(engine_for(model).paired_single_rows())
     return stack
 
 

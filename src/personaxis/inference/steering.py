@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import nn
 
-from personaxis.engine import Ablate, Add, Cap, Op, Project, Trace
+from personaxis.engine import Ablate, Add, Cap, Op, Project, Trace, engine_for
 from personaxis.engine.ops import When
 from personaxis.errors import PersonaxisError
 from personaxis.model.loading import ChatModel, wrap_model
@@ -114,7 +114,7 @@ def project_op(
 def steering(model: ChatModel | nn.Module, *ops: Op) -> Iterator[Trace]:
     """`with steering(model, steer_op(v, 0.15, 12)): model.model.generate(...)`: every forward inside runs the ops
     (on a `ChatModel` or a plain Hugging Face model); the trace holds what they read out. Blocks nest."""
-    with wrap_model(model).engine.apply(list(ops)) as trace:
+    with engine_for(wrap_model(model)).apply(list(ops)) as trace:
         yield trace
 
 

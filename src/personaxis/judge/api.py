@@ -17,19 +17,18 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import random
 from collections import defaultdict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from personaxis.common.retry import Failure, with_retries
 from personaxis.errors import PersonaxisError
 from personaxis.judge.base import Judge
 from personaxis.judge.scoring import MIN_MASS, Distribution, parse_integer
 from personaxis.store import RunStore
 
 T = TypeVar("T")
-_RETRY_STATUS = {408, 409, 429}
 
 
 class OpenAIJudge(Judge):
@@ -88,30 +87,27 @@ class OpenAIJudge(Judge):
         return [t.result() for t in tasks]
 
     async def _ask(self, client: Any, slots: asyncio.Semaphore, prompt: str, hi: int) -> Distribution:
-        import openai
+        async def ask() -> Distribution:
+            async with slots:
+                response = await client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=1,
+                    temperature=0,
+                    logprobs=True,
+                    top_logprobs=self.top_logprobs,
+                )
+            return _distribution(response, hi)
 
-        for attempt in range(self.max_retries + 1):
-            try:
-                async with slots:
-                    response = await client.chat.completions.create(
-                        model=self.model,
-                        messages=[{"role": "user", "content": prompt}],
-                        max_tokens=1,
-                        temperature=0,
-                        logprobs=True,
-                        top_logprobs=self.top_logprobs,
-                    )
-                return _distribution(response, hi)
-            except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
-                raise PersonaxisError(f"judge endpoint refused model {self.model!r}: {_describe(e)}") from e
-            except openai.APIError as e:
-                retry_after = _retry_after(e)
-                if retry_after is None or attempt == self.max_retries:
-                    return Distribution(error=_describe(e))
-                self.stats.retries += 1
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(min(self.max_backoff, max(delay, retry_after)))
-        raise AssertionError("unreachable")
+        def retried() -> None:
+            self.stats.retries += 1
+
+        refused = f"judge endpoint refused model {self.model!r}"
+        answer = await with_retries(
+            ask, max_retries=self.max_retries, backoff=self.backoff, max_backoff=self.max_backoff, refused=refused,
+            on_retry=retried,
+        )  # fmt: skip
+        return Distribution(error=answer.error) if isinstance(answer, Failure) else answer
 
 
 def _distribution(response: Any, hi: int) -> Distribution:
@@ -128,28 +124,6 @@ def _distribution(response: Any, hi: int) -> Distribution:
         if k is not None:
             probs[k] += math.exp(alt.logprob)
     return Distribution(dict(probs), raw)
-
-
-def _retry_after(error: Exception) -> float | None:
-    """None if retrying cannot help; else the delay the server asked for (0 if it did not say)."""
-    import openai
-
-    if isinstance(error, openai.APIConnectionError):  # includes timeouts
-        return 0.0
-    if not isinstance(error, openai.APIStatusError):
-        return None
-    if error.status_code < 500 and error.status_code not in _RETRY_STATUS:
-        return None
-    try:
-        return max(0.0, float(error.response.headers.get("retry-after", 0)))
-    except ValueError:
-        return 0.0
-
-
-def _describe(error: Exception) -> str:
-    status = getattr(error, "status_code", None)
-    text = " ".join(str(error).split())[:200]
-    return f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:

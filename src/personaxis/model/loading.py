@@ -36,7 +36,6 @@ class ChatModel(TokenizerChat):
     revision: str | None = None
     blocks_path: str = ""
     blocks: nn.ModuleList = field(default=None, repr=False)  # type: ignore[assignment]
-    _engine: Any = field(default=None, repr=False)
     runtime: ClassVar[str] = "hf"  # which runtime generates (`personaxis.vllm.VLLMModel` says "vllm")
 
     def __post_init__(self) -> None:
@@ -88,14 +87,6 @@ class ChatModel(TokenizerChat):
     @property
     def generation_config(self) -> Any:
         return getattr(self.model, "generation_config", None)
-
-    @property
-    def engine(self):  # noqa: ANN201 - imported lazily to keep model loading free of engine imports
-        if self._engine is None:
-            from personaxis.engine import Engine
-
-            self._engine = Engine(self)
-        return self._engine
 
     def block_device(self, layer: int) -> torch.device:
         return next(self.blocks[layer].parameters()).device

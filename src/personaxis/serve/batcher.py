@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from personaxis.engine import Op, Trace
+from personaxis.engine import Op, Trace, engine_for
 from personaxis.inference.generation import Generation, accepts, sample_next, stop_token_ids
 from personaxis.model import ChatModel
 from personaxis.model.cache import append_rows, cache_argument, drop_left, returned_cache
@@ -86,7 +86,7 @@ class RunningBatch:
         ids, mask = ids.to(device), mask.to(device)
         ops = [op for row, job in enumerate(jobs) for op in job.plan.ops_for_row(row)]
         self._close()  # the engine runs one scope at a time: the running rows' scope reopens at the next step
-        with torch.inference_mode(), self.model.engine.apply(ops) as trace:
+        with torch.inference_mode(), engine_for(self.model).apply(ops) as trace:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                    **self.extra)  # fmt: skip
@@ -179,9 +179,9 @@ class RunningBatch:
         lengths = torch.tensor([len(row.job.prompt) for row in self.rows], device=self.mask.device)
         last_prompt = self.mask.argmax(dim=1) + lengths - 1  # first real column + prompt length - 1
         self._scope = contextlib.ExitStack()
-        self._trace = self._scope.enter_context(self.model.engine.apply(ops, last_prompt=last_prompt))
+        self._trace = self._scope.enter_context(engine_for(self.model).apply(ops, last_prompt=last_prompt))
         if self.invariant and len(self.rows) == 1:
-            self._scope.enter_context(self.model.engine.paired_single_rows())
+            self._scope.enter_context(engine_for(self.model).paired_single_rows())
 
     def _close(self) -> None:
         """Leave the engine scope, crediting each row with the cap hits counted in it."""

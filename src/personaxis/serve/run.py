@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
-from pathlib import Path
 
 from personaxis.common.datasets import read_json
 from personaxis.errors import PersonaxisError
 from personaxis.serve.app import Limits, create_app
 from personaxis.serve.loop import ClosedLoop
-
-
-def load_vectors_dir(path: str | os.PathLike[str]) -> dict:
-    """Every `*.safetensors` vector artifact in a folder, named by file stem (cap files are skipped)."""
-    from personaxis.vectors.artifact import Vectors
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise PersonaxisError(f"no vectors folder at {folder}")
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            out[file.stem] = Vectors.load(file)
-        except PersonaxisError as exc:
-            if "cap artifact" not in str(exc):
-                raise
-    if not out:
-        raise PersonaxisError(f"{folder} holds no vector files (*.safetensors)")
-    return out
+from personaxis.vectors import load_vectors_dir
 
 
 def _loopback(host: str) -> bool:

@@ -19,8 +19,6 @@ Tensors are stored with safetensors inside the row, never pickled.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import hashlib
 import json
 import os
 import sqlite3
@@ -36,6 +34,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from personaxis import __version__
+from personaxis.common.canonical import canonical_json, content_hash
 from personaxis.errors import PersonaxisError
 from personaxis.store.atomic import atomic_write_text
 
@@ -69,36 +68,9 @@ _REASONS = {
 }
 
 
-def canonical_json(obj: Any) -> str:
-    """JSON with sorted keys and no whitespace: equal content gives equal text, hence equal hashes.
-
-    Dataclasses, pydantic models, paths, enums, sets and torch dtypes are converted; NaN and infinities are refused
-    (they are not JSON, and a missing value should be `None`). Note that `1` and `1.0` are different JSON.
-    """
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_jsonable
-    )
-
-
 def key(**parts: Any) -> str:
     """Content hash (sha256 hex) of the keyword arguments: ``key(model=..., revision=..., chat=..., sampling=...)``."""
-    return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, set | frozenset):
-        return sorted(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj)
-    raise TypeError(f"cannot hash a {type(obj).__name__} as JSON")
+    return content_hash(parts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ Layer i is always the output of decoder block i (0-based) = Hugging Face `hidden
 `direction.i`. Every other indexing is converted at the boundary, in `importers` and `gguf_io`.
 """
 
-from personaxis.vectors.artifact import VectorMeta, Vectors, config_hash
+from personaxis.vectors.artifact import VectorMeta, Vectors, config_hash, load_vectors_dir
 from personaxis.vectors.cap import CapConfig, CapKind, CapMeta
 from personaxis.vectors.gguf_io import export_gguf, import_gguf
 from personaxis.vectors.importers import import_capping_config, import_reference, import_vectors, load_pt
@@ -22,4 +22,5 @@ __all__ = [
     "import_gguf",
     "import_vectors",
     "load_pt",
+    "load_vectors_dir",
 ]

@@ -10,9 +10,6 @@ and the layer, instead of surfacing later as a silently broken steering run.
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from personaxis import __version__
+from personaxis.common.canonical import content_hash
 from personaxis.errors import PersonaxisError
 from personaxis.vectors._io import (
     ModelInfo,
@@ -40,31 +38,10 @@ KIND = "vectors"
 _RESERVED = "layers"  # the tensor that stores the layer list in a saved file
 
 
-def _plain(obj: Any) -> Any:
-    """JSON form of the values a configuration may hold besides JSON's own."""
-    if isinstance(obj, BaseModel):
-        return obj.model_dump(mode="json")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, set | frozenset):
-        return sorted(obj)
-    raise TypeError(f"cannot hash a configuration holding {type(obj).__name__}")
-
-
 def config_hash(config: Any) -> str:
-    """sha256 hex of the canonical JSON of a configuration.
-
-    Keys are sorted and whitespace removed, so the same settings always give the same hash: two artifacts with equal
-    hashes were produced the same way.
-    """
-    text = json.dumps(
-        config, default=_plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """sha256 hex of the canonical JSON of a configuration: two artifacts with equal hashes were produced the same
+    way."""
+    return content_hash(config)
 
 
 class VectorMeta(BaseModel):
@@ -307,3 +284,20 @@ class Vectors:
         return fit_model(
             f"vectors {self.names}", self.meta.model_id, self.meta.n_layers, self.hidden_size, self.layers, model
         )
+
+
+def load_vectors_dir(path: str | os.PathLike[str]) -> dict[str, Vectors]:
+    """Every `*.safetensors` vector artifact in a folder, named by file stem (cap files are skipped)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PersonaxisError(f"no vectors folder at {folder}")
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            out[file.stem] = Vectors.load(file)
+        except PersonaxisError as exc:
+            if "cap artifact" not in str(exc):
+                raise
+    if not out:
+        raise PersonaxisError(f"{folder} holds no vector files (*.safetensors)")
+    return out

@@ -142,7 +142,7 @@ class Resolver:
 
 def _registry(folder: str | os.PathLike[str], model_info: Any):  # noqa: ANN202 - serve.plan.Registry
     from personaxis.serve.plan import Registry
-    from personaxis.serve.run import load_vectors_dir
+    from personaxis.vectors import load_vectors_dir
     from personaxis.vectors.cap import CapConfig
 
     path = Path(folder)
