@@ -47,6 +47,22 @@ class _Step:
 
 
 @dataclass
+class _ApplyState:
+    """What the hooks of one `apply` share: the current forward call, and tensors already copied to a device."""
+
+    last_prompt: Sequence[int] | None  # given by a caller that resumes decoding a cache
+    step: _Step | None = None
+    copies: dict[tuple[Any, torch.device, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def copy(self, key: Any, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`tensor` on `device` in `dtype`, copied once per apply (a host-to-device copy waits for the device)."""
+        full = (key, device, dtype)
+        if full not in self.copies:
+            self.copies[full] = tensor.to(device=device, dtype=dtype)
+        return self.copies[full]
+
+
+@dataclass
 class _RecordState:
     op: Record
     sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, K, H] or [B, K]
@@ -68,7 +84,35 @@ class Trace:
         self._fold_cap_shifts()
         return self._cap_counted
 
-    def _add_cap_shift(self, shift: torch.Tensor) -> None:
+    # -- written by the engine's hooks ---------------------------------------------------------------------------
+
+    def expect(self, op: Op) -> None:
+        """Make room for a readout op's results (an op of another kind reads nothing out)."""
+        if isinstance(op, Record):
+            self._records[op.name] = _RecordState(op)
+        elif isinstance(op, Project):
+            self._projections.setdefault(op.name, {})
+
+    def add_counts(self, name: str, counts: torch.Tensor) -> None:
+        """Add one forward call's [B, K] segment weights to record `name`."""
+        record = self._records[name]
+        record.counts = counts if record.counts is None else record.counts + counts
+
+    def add_sum(self, name: str, layer: int, total: torch.Tensor) -> None:
+        """Add one forward call's weighted sum at `layer` to record `name`."""
+        sums = self._records[name].sums
+        sums[layer] = total if layer not in sums else sums[layer] + total
+
+    def add_projection(self, name: str, layer: int, start: int, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """One forward call's [B, T] projections at `layer`, from absolute column `start` (NaN outside `mask`). The
+        same name on other rows of the same call (a monitor per request) joins the same readout."""
+        chunks = self._projections[name].setdefault(layer, [])
+        if chunks and chunks[-1][0] == start and chunks[-1][1].shape == values.shape:
+            values = values.where(mask, chunks.pop()[1])
+        chunks.append((start, values))
+
+    def add_cap_shift(self, shift: torch.Tensor) -> None:
+        """One capped layer's [B, T] shifts of one forward call; non-zero entries are hits."""
         self._cap_shifts.append(shift.detach())
         if len(self._cap_shifts) >= CAP_SHIFTS_KEPT:
             self._fold_cap_shifts()
@@ -175,11 +219,8 @@ class Engine:
         for op in ops:
             for layer in op.layers:
                 by_layer[layer].append(op)
-            if isinstance(op, Record):
-                trace._records[op.name] = _RecordState(op)
-            if isinstance(op, Project):
-                trace._projections.setdefault(op.name, {})
-        state: dict[str, Any] = {"step": None, "copies": {}, "last_prompt": last_prompt}
+            trace.expect(op)
+        state = _ApplyState(last_prompt)
         records = [op for op in ops if isinstance(op, Record)]
         handles = [self.model.base.register_forward_pre_hook(self._pre_hook(state, trace, records), with_kwargs=True)]
         for layer, layer_ops in sorted(by_layer.items()):
@@ -247,15 +288,7 @@ class Engine:
     def _validate(self, ops: Sequence[Op]) -> None:
         validate_ops(ops, self.model.n_layers, self.model.hidden_size)
 
-    @staticmethod
-    def _copy(state: dict, key: Any, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """`tensor` on `device` in `dtype`, copied once per apply (a host-to-device copy waits for the device)."""
-        full = (key, device, dtype)
-        if full not in state["copies"]:
-            state["copies"][full] = tensor.to(device=device, dtype=dtype)
-        return state["copies"][full]
-
-    def _pre_hook(self, state: dict, trace: Trace, records: list[Record]):
+    def _pre_hook(self, state: _ApplyState, trace: Trace, records: list[Record]):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             inputs = kwargs.get("input_ids")
             if inputs is None:
@@ -271,24 +304,22 @@ class Engine:
                 start = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
                 valid = torch.ones(batch, width, dtype=torch.bool, device=device)
             columns = torch.arange(start, start + width, device=device)
-            previous = state["step"]
-            if previous is None and state["last_prompt"] is not None:
-                last = torch.as_tensor(state["last_prompt"], dtype=torch.long).to(device)
+            previous = state.step
+            if previous is None and state.last_prompt is not None:
+                last = torch.as_tensor(state.last_prompt, dtype=torch.long).to(device)
             elif start == 0 or previous is None:
                 last = torch.where(valid, columns, torch.full_like(columns, -1)).max(dim=1).values
             else:
                 last = previous.last_prompt
             step = _Step(valid=valid, columns=columns, last_prompt=last, start=start)
-            state["step"] = step
+            state.step = step
             for op in records:
                 weights = self._record_weights(op, step, state)
-                record = trace._records[op.name]
-                counts = weights.sum(dim=1).float()
-                record.counts = counts if record.counts is None else record.counts + counts
+                trace.add_counts(op.name, weights.sum(dim=1).float())
 
         return hook
 
-    def _token_mask(self, op: Op, step: _Step, state: dict) -> torch.Tensor:
+    def _token_mask(self, op: Op, step: _Step, state: _ApplyState) -> torch.Tensor:
         """[B, T] positions the op applies to: real tokens, in its phase, in its rows."""
         key = ("mask", id(op))
         if key not in step.cache:
@@ -304,17 +335,17 @@ class Engine:
                     )
                 rows = torch.zeros(mask.shape[0], dtype=torch.bool)
                 rows[list(op.rows)] = True
-                mask = mask & self._copy(state, ("rows", id(op), mask.shape[0]), rows, mask.device, torch.bool)[:, None]
+                mask = mask & state.copy(("rows", id(op), mask.shape[0]), rows, mask.device, torch.bool)[:, None]
             step.cache[key] = mask
         return step.cache[key]
 
-    def _intervention_mask(self, op: Op, step: _Step, state: dict) -> torch.Tensor | None:
+    def _intervention_mask(self, op: Op, step: _Step, state: _ApplyState) -> torch.Tensor | None:
         """None when the op applies at every position: padding need not be masked, since nothing ever reads it."""
         if op.when == "all" and op.rows is None:
             return None
         return self._token_mask(op, step, state)
 
-    def _record_weights(self, op: Record, step: _Step, state: dict) -> torch.Tensor:
+    def _record_weights(self, op: Record, step: _Step, state: _ApplyState) -> torch.Tensor:
         """[B, T, K] weights of the current positions, zero for padding and rows or phases the op skips."""
         key = ("weights", id(op))
         if key not in step.cache:
@@ -330,28 +361,29 @@ class Engine:
                             f"record '{op.name}': weights for {op.weights.shape[0]} rows, batch has {batch}"
                         )
                     known = stop - step.start
-                    full = self._copy(state, ("weights", id(op)), op.weights, device, torch.float32)
+                    full = state.copy(("weights", id(op)), op.weights, device, torch.float32)
                     weights[:, :known] = full[:, step.start : stop]
             if op.generated is not None and known < width:
-                weights[:, known:] = self._copy(state, ("generated", id(op)), op.generated, device, torch.float32)
+                weights[:, known:] = state.copy(("generated", id(op)), op.generated, device, torch.float32)
             step.cache[key] = weights * self._token_mask(op, step, state)[..., None]
         return step.cache[key]
 
-    def _block_hook(self, layer: int, ops: list[Op], state: dict, trace: Trace):
+    def _block_hook(self, layer: int, ops: list[Op], state: _ApplyState, trace: Trace):
         interventions = [op for op in ops if isinstance(op, (Add, Ablate, Cap))]
         readouts = [op for op in ops if isinstance(op, (Project, Record))]
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-            step: _Step = state["step"]
+            step = state.step
+            assert step is not None  # the pre-hook on the base module runs before every block
             hidden = _unwrap(output)
             device, dtype = hidden.device, hidden.dtype
             for op in interventions:
                 mask = self._intervention_mask(op, step, state)
                 if isinstance(op, Add):
-                    delta = self._copy(state, ("delta", id(op), layer), op.deltas[layer], device, dtype)
+                    delta = state.copy(("delta", id(op), layer), op.deltas[layer], device, dtype)
                     hidden = F.add(hidden, delta, mask)
                     continue
-                unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
+                unit = state.copy(("unit", id(op), layer), op.directions[layer], device, torch.float32)
                 projection = F.project(hidden, unit)
                 if isinstance(op, Ablate):
                     shift = F.ablate_shift(projection)
@@ -361,24 +393,19 @@ class Engine:
                 if mask is not None:
                     shift = shift * mask
                 if isinstance(op, Cap):
-                    trace._add_cap_shift(shift)
-                hidden = F.move(hidden, shift, self._copy(state, ("unit", id(op), layer), unit, device, dtype))
+                    trace.add_cap_shift(shift)
+                hidden = F.move(hidden, shift, state.copy(("unit", id(op), layer), unit, device, dtype))
             if readouts:
                 work = hidden.detach().float()
                 for op in readouts:
                     if isinstance(op, Project):
                         mask = self._token_mask(op, step, state)
-                        unit = self._copy(state, ("unit", id(op), layer), op.directions[layer], device, torch.float32)
+                        unit = state.copy(("unit", id(op), layer), op.directions[layer], device, torch.float32)
                         values = F.project(work, unit).masked_fill(~mask, float("nan"))
-                        chunks = trace._projections[op.name].setdefault(layer, [])
-                        if chunks and chunks[-1][0] == step.start and chunks[-1][1].shape == values.shape:
-                            # one name on other rows of this forward (a monitor per request): one readout
-                            values = values.where(mask, chunks.pop()[1])
-                        chunks.append((step.start, values))
+                        trace.add_projection(op.name, layer, step.start, values, mask)
                     else:
                         total = F.weighted_sum(self._record_weights(op, step, state), work, op.stat)
-                        record = trace._records[op.name]
-                        record.sums[layer] = total if layer not in record.sums else record.sums[layer] + total
+                        trace.add_sum(op.name, layer, total)
             return _rewrap(output, hidden) if interventions else None
 
         return hook
