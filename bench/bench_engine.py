@@ -26,8 +26,8 @@ import sys
 import torch
 from common import bench_model, chats, interleaved, operators_per_step, paired_ratios
 
-from personaxis.inference.capture import encode_means, iter_means
 from personaxis.engine import Add, Cap
+from personaxis.inference.capture import encode_means, iter_means
 from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
 from personaxis.model.chat import Label
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Generation, Sampling, prompt_ids
@@ -29,7 +34,7 @@ from personaxis.model import ChatModel
 from personaxis.serve.loop import ClosedLoop, Conversations, conversation_key
 from personaxis.serve.metrics import Metrics
 from personaxis.serve.plan import Plan, Registry, make_plan
-from personaxis.serve.schema import ChatRequest, explain
+from personaxis.serve.schema import ChatRequest, Limits, explain, where
 from personaxis.serve.worker import Job, QueueFull, Worker
 from personaxis.vectors.artifact import Vectors
 from personaxis.vectors.cap import CapConfig
@@ -38,16 +43,11 @@ if TYPE_CHECKING:
     from personaxis.vllm import VLLMModel
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds that keep one client from starving the others; each is answered with a clear 4xx."""
+__all__ = ["ApiError", "Limits", "create_app"]
 
-    max_body_bytes: int = 1_000_000  # 413
-    max_tokens: int = 1024  # 400 above
-    default_max_tokens: int = 256
-    max_prompt_tokens: int = 8192  # 400 above
-    max_queue: int = 64  # 429 when more are waiting
-    max_batch: int = 16
+log = logging.getLogger("personaxis.serve")
+
+UNMATCHED = "unmatched"  # the metrics label of every path that is no route
 
 
 @dataclass
@@ -72,10 +72,17 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting the client's input can never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    """OpenAI's error shape, so SDKs raise their usual exceptions with our message."""
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    """OpenAI's error shape, so SDKs raise their usual exceptions with our message (always one line)."""
+    body = {"error": {"message": " ".join(message.split()), "type": kind, "param": param, "code": status}}
+    return _AsciiJSON(body, status_code=status)
 
 
 def _finite(x: float) -> float | None:
@@ -147,6 +154,9 @@ def create_app(
                         on_batch=metrics.batch, batch_invariant=batch_invariant)  # fmt: skip
     model_id = model.name
     created = int(time.time())
+    # parsing, validation and tokenising run here, never on the event loop; one thread, so that the tokenizer is
+    # never entered by two requests at once and one large prompt holds up only the prompts queued behind it
+    prepare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personaxis-prepare")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -155,6 +165,7 @@ def create_app(
             yield
         finally:
             worker.stop()
+            prepare.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="personaxis", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.registry, app.state.metrics, app.state.policy = worker, registry, metrics, policy
@@ -163,20 +174,41 @@ def create_app(
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.kind, exc.param)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own answers (404 for an unknown path, 405 for a wrong method) in the same shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        """A bug answers in the usual error shape, one line, and the connection stays up (the traceback is logged)."""
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def route_of(scope: Scope) -> str:
+        """The route template a request matches (`/v1/chat/completions`), or one shared label for any other path:
+        the metrics' label values must be bounded whatever paths clients invent."""
+        for route in app.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", UNMATCHED)
+        return UNMATCHED
+
     @app.middleware("http")
     async def guard(request: Request, call_next):  # noqa: ANN202 - starlette's middleware signature
         path = request.url.path
-        if api_key is not None and (path.startswith("/v1") or path == "/metrics"):
+        counted = path.startswith("/v1") or path == "/metrics"
+        if api_key is not None and counted:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 response = _error(
                     401, "missing or wrong API key (send 'Authorization: Bearer <key>')", "authentication_error"
                 )
-                metrics.requests.labels(path, "401").inc()
+                metrics.requests.labels(route_of(request.scope), "401").inc()
                 return response
         response = await call_next(request)
-        if path.startswith("/v1") or path == "/metrics":
-            metrics.requests.labels(path, str(response.status_code)).inc()
+        if counted:
+            metrics.requests.labels(route_of(request.scope), str(response.status_code)).inc()
         return response
 
     @app.get("/", include_in_schema=False)
@@ -226,14 +258,9 @@ def create_app(
             )
         return space
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        req = _validate(await _read_body(request, limits.max_body_bytes))
-        max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
-        if max_tokens > limits.max_tokens:
-            raise ApiError(
-                400, f"max_tokens {max_tokens} is above this server's limit of {limits.max_tokens}", param="max_tokens"
-            )
+    def _prepare(body: bytes) -> tuple[ChatRequest, list[dict[str, str]], list[int]]:
+        """Parse, validate (every limit that needs no tokenizer first), then tokenise; in the `prepare` thread."""
+        req = _validate(body, limits)
         messages = req.chat()
         try:
             prompt = prompt_ids(model, messages)
@@ -245,6 +272,13 @@ def create_app(
                 f"the prompt has {len(prompt)} tokens, above the limit of {limits.max_prompt_tokens}",
                 param="messages",
             )
+        return req, messages, prompt
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        body = await _read_body(request, limits.max_body_bytes)
+        req, messages, prompt = await asyncio.get_running_loop().run_in_executor(prepare, _prepare, body)
+        max_tokens = req.reply_tokens(limits)
         ext = req.personaxis
         key = conversation_key(ext.conversation_id, messages)
         turn = sum(m["role"] == "assistant" for m in messages)
@@ -384,7 +418,7 @@ def create_app(
                     projections = {k: _finite(v) for k, v in values.items()}
                     yield chunk({"content": text}, extra={"token": {"id": token, "projections": projections}})
                 elif event[0] == "error":
-                    yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error'}})}\n\n"
+                    yield _stream_error(event[1])
                     break
                 else:
                     generation: Generation = event[1]
@@ -405,10 +439,18 @@ def create_app(
             yield "data: [DONE]\n\n"
         except ClientGone:
             return
+        except Exception as exc:  # the headers are out: end this stream with an error event, not a reset connection
+            log.exception("stream %s failed", ctx.id)
+            yield _stream_error(f"internal error: {type(exc).__name__}")
         finally:
             ctx.job.cancelled = True
 
     return app
+
+
+def _stream_error(message: str) -> str:
+    body = {"error": {"message": " ".join(message.split()), "type": "server_error", "param": None, "code": 500}}
+    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -425,14 +467,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _validate(body: bytes) -> ChatRequest:
+def parse_body(body: bytes) -> dict:
+    """The body as a JSON object; anything else, however pathological, is an `ApiError` 400 with a one-line message."""
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid JSON: it is not UTF-8 text") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not acceptable JSON: it is nested too deeply") from None
+    except ValueError:  # Python's limit on the digits of an integer (sys.get_int_max_str_digits)
+        raise ApiError(400, "the request body is not acceptable JSON: a number in it has too many digits") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    return payload
+
+
+def _validate(body: bytes, limits: Limits | None = None) -> ChatRequest:
+    payload = parse_body(body)
     try:
-        return ChatRequest.model_validate(payload)
+        return ChatRequest.model_validate(payload, context=limits)
+    except RecursionError:
+        raise ApiError(400, "the request is nested too deeply") from None
     except ValidationError as exc:
-        raise ApiError(400, explain(exc)) from None
+        errors = exc.errors(include_url=False, include_input=False)
+        param = (where(errors[0]).split(".")[0] or None) if errors else None
+        raise ApiError(400, explain(exc), param=param) from None

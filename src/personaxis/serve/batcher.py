@@ -11,6 +11,12 @@ Engine ops are per row, so they are rebuilt (rows renumbered) whenever the batch
 (`model.cache.spliceable`; sliding-window and recurrent caches are not), and the worker falls back to batches that
 start and finish together for the others.
 
+One request's failure stays its own. `admit` raises before the batch changes, and the worker then admits the jobs one
+at a time so that only the failing one is refused. In a decode step, a row whose sampling fails is finished with its
+error; when the forward fails, the cache is rolled back, each row is tried alone (on a copy), the rows that fail alone
+get their error and the step is rerun for the others. Only a failure no single row explains (out of memory, say)
+reaches every running request.
+
 With `invariant` (batch-invariant decoding, `model.attention`) a row's tokens do not depend on its batch even in bf16:
 attention runs row by row, and a lone row's matmuls run as two rows (`Engine.paired_single_rows`), since on a CPU a
 one-row matmul takes another kernel (another summation order) than two rows or more.
@@ -48,6 +54,7 @@ class Row:
     projections: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # monitor name -> per token [L]
     cap_hits: int = 0
     finish: str = ""
+    error: str | None = None  # why this row failed, alone; it leaves the batch with an "error" event
 
     @property
     def monitored(self) -> bool:
@@ -75,7 +82,8 @@ class RunningBatch:
     # -- joining -----------------------------------------------------------------------------------------------------
 
     def admit(self, jobs: Sequence[Job]) -> None:
-        """Prefill `jobs` together (left-padded) and add them to the batch."""
+        """Prefill `jobs` together (left-padded) and add them to the batch; on failure the batch is as it was."""
+        generators = [_generator(job.sampling) for job in jobs]  # a bad seed fails here, before any work
         device, pad = self.model.device, self.model.tokenizer.pad_token_id
         width = max(len(job.prompt) for job in jobs)
         ids = torch.full((len(jobs), width), pad, dtype=torch.long)
@@ -91,7 +99,7 @@ class RunningBatch:
             out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                    **self.extra)  # fmt: skip
         hits = trace.cap_hits.tolist() if trace.cap_hits is not None else [0] * len(jobs)
-        rows = [Row(job, _generator(job.sampling), cap_hits=int(h)) for job, h in zip(jobs, hits, strict=True)]
+        rows = [Row(job, g, cap_hits=int(h)) for job, g, h in zip(jobs, generators, hits, strict=True)]
         self._splice(returned_cache(out), out.logits[:, -1], mask, mask.sum(dim=1), rows)
 
     def _splice(self, cache: DynamicCache, logits: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -111,10 +119,12 @@ class RunningBatch:
 
     def step(self) -> int:
         """Sample one token per row and run it; tokens and finished replies go to `outbox`. Returns the tokens made."""
-        settings = [row.job.sampling for row in self.rows]
-        sampled = sample_next(self.logits, settings, [row.generator for row in self.rows], [True] * len(self.rows))
+        sampled = self._sample()
         produced = 0
         for row, token in zip(self.rows, sampled, strict=True):
+            if row.error is not None:
+                row.finish = "error"
+                continue
             if row.job.cancelled:
                 row.finish = "stop"
                 continue
@@ -130,11 +140,8 @@ class RunningBatch:
         self._retire(keep=lambda row: not row.finish or row.monitored and row.finish == "length")
         if not self.rows:
             return produced
-        self._open()
-        tokens = torch.tensor([row.tokens[-1] for row in self.rows]).to(self.model.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.cache, self.logits = self._decode(tokens[:, None])
-        self.positions = self.positions + 1
+        if not self._forward():
+            return produced
         names = self._monitored()
         latest = {name: self._trace.latest(f"monitor:{name}") for name in names}
         for b, row in enumerate(self.rows):
@@ -147,10 +154,78 @@ class RunningBatch:
         self._retire(keep=lambda row: not row.finish)
         return produced
 
-    def _decode(self, tokens: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    def _sample(self) -> list[int | None]:
+        """Every row's next token; if sampling the batch fails, the rows are sampled one by one and a row that fails
+        alone gets its error (`Row.error`, token None)."""
+        settings, generators = [row.job.sampling for row in self.rows], [row.generator for row in self.rows]
+        try:
+            return sample_next(self.logits, settings, generators, [True] * len(self.rows))
+        except Exception:
+            if len(self.rows) == 1:
+                raise
+        out: list[int | None] = []
+        for b, row in enumerate(self.rows):
+            try:
+                out += sample_next(self.logits[b : b + 1], settings[b : b + 1], generators[b : b + 1], [True])
+            except Exception as exc:
+                row.error = f"generation failed: {one_line(exc)}"
+                out.append(None)
+        return out
+
+    def _forward(self) -> bool:
+        """Run every row's latest token. If that fails, find the rows that fail alone, drop them with their error
+        and rerun; raise when no single row explains the failure. Returns whether rows are left."""
+        while True:
+            tokens = torch.tensor([row.tokens[-1] for row in self.rows]).to(self.model.device)
+            mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+            lengths = [layer.keys.shape[2] for layer in self.cache.layers]
+            try:
+                self._open()  # a row's ops are checked here
+                self.cache, self.logits = self._decode(tokens[:, None], mask)
+            except Exception:
+                self._rollback(lengths)
+                if len(self.rows) == 1 or not self._isolate(tokens, mask):
+                    raise
+                if not self.rows:
+                    return False
+                continue
+            self.mask, self.positions = mask, self.positions + 1
+            return True
+
+    def _rollback(self, lengths: list[int]) -> None:
+        """Undo a failed forward: its layers that ran appended a column to the cache; the engine scope is reset."""
+        for layer, length in zip(self.cache.layers, lengths, strict=True):
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        if self._scope is not None:
+            with contextlib.suppress(Exception):
+                self._scope.close()
+        self._scope, self._trace = None, None
+
+    def _isolate(self, tokens: torch.Tensor, mask: torch.Tensor) -> bool:
+        """Forward each row alone on a copy of its cache row (nothing is kept); retire the rows that fail alone with
+        their error. Returns whether any did."""
+        failed: dict[int, str] = {}
+        monitor_ops = {name: self.registry.monitor_op(name) for name in self._monitored()}
+        for b, row in enumerate(self.rows):
+            cache = DynamicCache([(layer.keys[b : b + 1], layer.values[b : b + 1]) for layer in self.cache.layers])
+            last_prompt = mask[b : b + 1].argmax(dim=1) + len(row.job.prompt) - 1
+            try:
+                ops = row.job.plan.ops_for_row(0) + [monitor_ops[name] for name in row.job.plan.monitor]
+                with torch.inference_mode(), engine_for(self.model).apply(ops, last_prompt=last_prompt):
+                    self.model.model(input_ids=tokens[b : b + 1, None], attention_mask=mask[b : b + 1],
+                                     position_ids=self.positions[b : b + 1, None], use_cache=True,
+                                     **{self.cache_name: cache}, **self.extra)  # fmt: skip
+            except Exception as exc:
+                failed[b] = f"generation failed: {one_line(exc)}"
+        for b, message in failed.items():
+            self.rows[b].error, self.rows[b].finish = message, "error"
+        self._retire(keep=lambda row: row.error is None)
+        return bool(failed)
+
+    def _decode(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
         """One forward of the rows' next tokens."""
         with torch.inference_mode():
-            out = self.model.model(input_ids=tokens, attention_mask=self.mask, position_ids=self.positions[:, None],
+            out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=self.positions[:, None],
                                    use_cache=True, **{self.cache_name: self.cache}, **self.extra)  # fmt: skip
         return returned_cache(out), out.logits[:, -1]
 
@@ -178,10 +253,12 @@ class RunningBatch:
         ops += [self.registry.monitor_op(name) for name in self._monitored()]
         lengths = torch.tensor([len(row.job.prompt) for row in self.rows], device=self.mask.device)
         last_prompt = self.mask.argmax(dim=1) + lengths - 1  # first real column + prompt length - 1
-        self._scope = contextlib.ExitStack()
-        self._trace = self._scope.enter_context(engine_for(self.model).apply(ops, last_prompt=last_prompt))
-        if self.invariant and len(self.rows) == 1:
-            self._scope.enter_context(engine_for(self.model).paired_single_rows())
+        scope = contextlib.ExitStack()
+        with scope:  # left at once if entering fails; kept open (popped) otherwise
+            self._trace = scope.enter_context(engine_for(self.model).apply(ops, last_prompt=last_prompt))
+            if self.invariant and len(self.rows) == 1:
+                scope.enter_context(engine_for(self.model).paired_single_rows())
+            self._scope = scope.pop_all()
 
     def _close(self) -> None:
         """Leave the engine scope, crediting each row with the cap hits counted in it."""
@@ -200,7 +277,8 @@ class RunningBatch:
         self._close()
         for row in self.rows:
             if not keep(row):
-                self.outbox.append((row.job, ("done", self._generation(row))))
+                event = ("error", row.error) if row.error is not None else ("done", self._generation(row))
+                self.outbox.append((row.job, event))
         if not kept:
             self.rows, self.cache, self.mask, self.positions, self.logits = [], None, None, None, None
             return
@@ -226,6 +304,10 @@ class RunningBatch:
             projections=projections,
             cap_hits=row.cap_hits,
         )
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _generator(sampling: Sampling) -> torch.Generator | None:

@@ -1,29 +1,69 @@
-"""The request bodies the server accepts, validated before anything is queued.
+"""The request bodies the server accepts, validated before anything is queued or tokenised.
 
 The OpenAI fields are the ones the official SDK sends; unknown top-level fields are ignored, as OpenAI-compatible
 servers do, so that a newer SDK keeps working. The `personaxis` extension is strict (`extra="forbid"`): a typo in a
 steering spec must be a 400, not a silently unsteered reply.
+
+Types are strict everywhere (`strict=True`): `"max_tokens": true` or `"3"` is refused, not read as 1 or 3; numbers must
+be finite; strings must be valid Unicode (no lone surrogates). The server's size limits (`Limits`) are checked here
+too, when they are passed as the validation context (`ChatRequest.model_validate(payload, context=limits)`), so that a
+request is wholly checked before it is tokenised or joins a batch.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-Name = Annotated[str, Field(min_length=1, max_length=128)]
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a signed 64-bit integer, which torch.Generator and vLLM take
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep one client from starving the others; each is answered with a clear 4xx.
+
+    The cheap ones (body size, number of messages, characters) are checked before the prompt is tokenised, so that an
+    oversized request costs the server next to nothing.
+    """
+
+    max_body_bytes: int = 1_000_000  # 413
+    max_messages: int = 512  # 400 above
+    max_prompt_chars: int = 200_000  # 400 above: characters of all message contents together
+    max_tokens: int = 1024  # 400 above
+    default_max_tokens: int = 256
+    max_prompt_tokens: int = 8192  # 400 above
+    max_queue: int = 64  # 429 when more are waiting
+    max_batch: int = 16
+
+
+def _unicode(value: str) -> str:
+    """Refuse lone surrogates (`"\\ud800"` is valid JSON): no tokenizer or UTF-8 response can carry them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+Name = Annotated[Text, Field(min_length=1, max_length=128)]
 Layer = Annotated[int, Field(ge=0, le=10_000)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Steer(_Strict):
@@ -32,10 +72,8 @@ class Steer(_Strict):
     vector: Name
     layer: Layer | None = None
     layers: Annotated[list[Layer], Field(min_length=1, max_length=256)] | None = None
-    coef: float
+    coef: Finite
     units: Literal["relative", "raw"] = "relative"
-
-    _coef = field_validator("coef")(_finite)
 
     @model_validator(mode="after")
     def _one_layer_spec(self) -> Steer:
@@ -49,15 +87,8 @@ class InlineCap(_Strict):
 
     vector: Name = "axis"
     layers: Annotated[list[Layer], Field(min_length=1, max_length=256)]
-    tau: float | Annotated[list[float], Field(min_length=1, max_length=256)]
+    tau: Finite | Annotated[list[Finite], Field(min_length=1, max_length=256)]
     kind: Literal["floor", "ceiling"] = "floor"
-
-    @field_validator("tau")
-    @classmethod
-    def _finite_tau(cls, value: float | list[float]) -> float | list[float]:
-        for v in value if isinstance(value, list) else [value]:
-            _finite(v)
-        return value
 
     @model_validator(mode="after")
     def _one_tau_per_layer(self) -> InlineCap:
@@ -74,58 +105,119 @@ class Extension(_Strict):
     steer: Annotated[list[Steer], Field(max_length=16)] = []
     cap: Name | InlineCap | None = None
     monitor: Annotated[list[Name], Field(max_length=16)] | None = None
-    conversation_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    conversation_id: Name | None = None
     closed_loop: bool = True
 
 
-class TextPart(BaseModel):
+class _Lenient(BaseModel):
+    """OpenAI objects: strict types, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Lenient):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class Message(BaseModel):
+class Message(_Lenient):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=1024)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _limits(info: ValidationInfo) -> Limits | None:
+    return info.context if isinstance(info.context, Limits) else None
 
-    model: str | None = None
+
+class ChatRequest(_Lenient):
+    model: Annotated[Text, Field(max_length=256)] | None = None
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: int | None = None
-    n: Literal[1] = 1
+    temperature: Annotated[Finite, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[Finite, Field(gt=0, le=1)] = 1.0
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     personaxis: Extension = Extension()
 
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _not_too_many(cls, value: object, info: ValidationInfo) -> object:
+        """Counted before a single message is validated: 20,000 of them cost nothing."""
+        limits = _limits(info)
+        if limits is not None and isinstance(value, list) and len(value) > limits.max_messages:
+            raise ValueError(f"{len(value)} messages, above this server's limit of {limits.max_messages}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        if limits is not None and value is not None and value > limits.max_tokens:
+            raise ValueError(f"{_short(value)} is above this server's limit of {limits.max_tokens}")
+        return value
+
     @model_validator(mode="after")
-    def _ends_with_a_question(self) -> ChatRequest:
+    def _ends_with_a_question(self, info: ValidationInfo) -> ChatRequest:
         if self.messages[-1].role == "assistant":
             raise ValueError("the last message must not be the assistant's (continuing a reply is not supported)")
+        limits = _limits(info)
+        if limits is not None:
+            chars = sum(len(m.text()) for m in self.messages)
+            if chars > limits.max_prompt_chars:
+                raise ValueError(
+                    f"the messages hold {chars} characters, above this server's limit of {limits.max_prompt_chars}"
+                )
         return self
+
+    def reply_tokens(self, limits: Limits) -> int:
+        """How many tokens the reply may have (the server's default when the request names none)."""
+        return self.max_completion_tokens or self.max_tokens or limits.default_max_tokens
 
     def chat(self) -> list[dict[str, str]]:
         """Plain {role, content} dicts; 'developer' is the newer name of 'system'."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
+def _short(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"a {len(text)}-digit number"
+
+
+def where(item: dict) -> str:
+    """An error's field as a dotted path (`personaxis.steer.0.coef`), without pydantic's union-branch names."""
+    return ".".join(str(p) for p in item["loc"] if not _branch(p))
+
+
+def _branch(part: str | int) -> bool:
+    """A union branch or validator that pydantic puts in an error's location: `function-after[...]`, `str`,
+    `list[TextPart]`, `InlineCap`; field names are lower-case identifiers and list indices are ints."""
+    if isinstance(part, int):
+        return False
+    return "[" in part or "-" in part or part in ("str", "int", "float", "bool") or part[:1].isupper()
+
+
 def explain(error: ValidationError) -> str:
-    """One line naming each bad field, e.g. `personaxis.steer.0.coef: must be a finite number`."""
+    """One line naming each bad field, e.g. `personaxis.steer.0.coef: Input should be a finite number`."""
     parts = []
-    for item in error.errors()[:4]:
-        where = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "literal[")))
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
+    for item in error.errors(include_url=False, include_input=False)[:4]:
+        message = " ".join(item["msg"].removeprefix("Value error, ").split())
+        path = where(item)
+        parts.append(f"{path}: {message}" if path else message)
     return "; ".join(parts)

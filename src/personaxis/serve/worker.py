@@ -6,6 +6,10 @@ per-row engine ops, so one request's steering never touches another's tokens. Fo
 spliced (sliding-window or recurrent layers) a batch takes whatever is waiting when it starts and runs to its end.
 Tokens travel back to the event loop through `call_soon_threadsafe`, all of one decode step in one wake-up.
 
+A request that fails fails alone: requests are fully validated before they are submitted (`serve.schema`), a failed
+prefill of several jobs is retried job by job, and a decode step isolates the row at fault (`serve.batcher`). Only a
+failure that no single request explains reaches the whole batch.
+
 Batch-invariant decoding (`batch_invariant`, on by default on a CPU with continuous batching) makes greedy replies
 independent of the batch in bf16 too; see `serve.batcher` and `model.attention`.
 """
@@ -28,7 +32,7 @@ from personaxis.inference.generation import Generation, Sampling, generate_batch
 from personaxis.model import ChatModel
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import returned_cache, spliceable
-from personaxis.serve.batcher import RunningBatch
+from personaxis.serve.batcher import RunningBatch, one_line
 from personaxis.serve.plan import Plan, Registry
 
 
@@ -163,23 +167,31 @@ class Worker:
         try:
             while (jobs := self._take(self.max_batch - len(batch), block=not batch)) is not None:
                 if jobs:
-                    try:
-                        batch.admit(jobs)
-                    except Exception as exc:  # a failed prefill fails its own requests, never the running ones
-                        for job in jobs:
-                            job.emit("error", f"generation failed: {exc}")
+                    self._admit(batch, jobs)
                 if batch:
                     self._step(batch)
         finally:
             batch.fail("the server is shutting down")
             post(batch.outbox)
 
+    def _admit(self, batch: RunningBatch, jobs: list[Job]) -> None:
+        """Prefill `jobs` into the batch; if that fails, admit them one by one, so that the failing job alone gets its
+        error (a failed prefill never touches the running rows)."""
+        try:
+            batch.admit(jobs)
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].emit("error", f"generation failed: {one_line(exc)}")
+                return
+            for job in jobs:
+                self._admit(batch, [job])
+
     def _step(self, batch: RunningBatch) -> None:
         rows, started = len(batch), time.perf_counter()
         try:
             produced = batch.step()
-        except Exception as exc:  # a failed step must not kill the worker: every running request gets the error
-            batch.fail(f"generation failed: {exc}")
+        except Exception as exc:  # no single row explains it (the batch isolated those): every running request fails
+            batch.fail(f"generation failed: {one_line(exc)}")
             produced = 0
         post(batch.outbox)
         batch.outbox = []
@@ -193,8 +205,11 @@ class Worker:
         ops += [self.registry.monitor_op(name) for name in monitored]
         wanted = [set(job.plan.monitor) for job in jobs]
 
+        emitted = [False] * len(jobs)
+
         def on_token(row: int, token: int, projections: dict) -> bool:
             job = jobs[row]
+            emitted[row] = True
             if job.cancelled:
                 return False
             values = {
@@ -214,9 +229,19 @@ class Worker:
                 ops=ops,
                 on_token=on_token,
             )
-        except Exception as exc:  # a failed batch must not kill the worker: every job in it gets the error
-            for job in jobs:
-                job.emit("error", f"generation failed: {exc}")
+        except Exception as exc:  # a failed batch must not kill the worker
+            message = f"generation failed: {one_line(exc)}"
+            if len(jobs) == 1:
+                jobs[0].emit("error", message)
+                return
+            # the jobs that have streamed tokens cannot start over; the others are rerun one by one, so that a job
+            # that fails (at its prefill, typically) fails alone
+            for job, sent in zip(jobs, emitted, strict=True):
+                if sent:
+                    job.emit("error", message)
+            for job, sent in zip(jobs, emitted, strict=True):
+                if not sent:
+                    self._batch([job])
             return
         finally:
             self._decoding = 0
