@@ -29,7 +29,8 @@ def test_the_serve_command_answers_the_sdk_and_stops_on_interrupt(folder):
     from openai import OpenAI
 
     port = _free_port()
-    server = _serve("--model", str(folder), "--port", str(port), "--max-tokens", "8", "--max-batch", "2")
+    server = _serve("--model", str(folder), "--port", str(port), "--max-tokens", "8", "--max-batch", "2",
+                    "--max-messages", "2")  # fmt: skip
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while True:
@@ -49,6 +50,13 @@ def test_the_serve_command_answers_the_sdk_and_stops_on_interrupt(folder):
         too_long = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
                                                                    "max_tokens": 9})  # fmt: skip
         assert too_long.status_code == 400 and "max_tokens" in too_long.text
+        chat = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "?"},
+        ]
+        too_many = httpx.post(f"{url}/v1/chat/completions", json={"messages": chat})
+        assert too_many.status_code == 400 and "above this server's limit of 2" in too_many.text
     finally:
         server.send_signal(signal.SIGINT)
         try:

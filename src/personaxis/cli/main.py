@@ -348,6 +348,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=0, help="requests waiting at most (more get 429)")] = 64,
     max_tokens: Annotated[int, typer.Option(min=1, help="largest max_tokens a request may ask for")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="longest prompt accepted, in tokens")] = 8192,
+    max_messages: Annotated[int, typer.Option(min=1, help="most messages in one request")] = 512,
+    max_prompt_chars: Annotated[
+        int, typer.Option(min=1, help="most characters of message content in one request (checked before tokenising)")
+    ] = 200_000,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="largest request body, in bytes")] = 1_000_000,
     batch_invariant: Annotated[
         bool | None,
         typer.Option(help="greedy replies that never depend on the batch (default: on a CPU)", show_default=False),
@@ -365,6 +370,9 @@ def serve(
         max_tokens=max_tokens,
         default_max_tokens=min(Limits.default_max_tokens, max_tokens),
         max_prompt_tokens=max_prompt_tokens,
+        max_messages=max_messages,
+        max_prompt_chars=max_prompt_chars,
+        max_body_bytes=max_body_bytes,
     )
     run_server(
         model, host=host, port=port, axis_path=axis, caps_path=caps, vectors_dir=vectors, api_key=api_key,
