@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from serve.serving_helpers import make_app
 from serve.test_batching import EXTENSIONS, QUESTIONS, _finish, _job, _registry
 
-import personaxis.serve.app as app_module
+import personaxis.serve.chat as app_module
 from personaxis.inference.generation import Sampling
 from personaxis.serve import Limits
 from personaxis.serve.worker import Job, Worker
