@@ -16,6 +16,7 @@ import torch
 from personaxis.common.progress import progress_bar
 from personaxis.engine import Record, engine_for
 from personaxis.errors import PersonaxisError
+from personaxis.inference.generation import left_pad, position_ids
 from personaxis.model.chat import Label, RenderedChat
 from personaxis.model.loading import ChatModel
 
@@ -49,21 +50,16 @@ def _batched_means(
     model: ChatModel, chats: Sequence[RenderedChat], weights: Sequence[torch.Tensor], layers: Sequence[int]
 ) -> torch.Tensor:
     """Run one left-padded batch and return its [B, K, L, H] means, still on the model's device."""
-    width = max(len(c) for c in chats)
-    batch = len(chats)
-    ids = torch.full((batch, width), model.tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
+    ids, mask = left_pad([chat.input_ids for chat in chats], model.tokenizer.pad_token_id)
+    batch, width = ids.shape
     w = torch.zeros(batch, width, weights[0].shape[-1])
     for b, (chat, weight) in enumerate(zip(chats, weights, strict=True)):
-        ids[b, width - len(chat) :] = chat.input_ids
-        mask[b, width - len(chat) :] = 1
         w[b, width - len(chat) :] = weight
     device = model.device
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.inference_mode():
         trace = engine_for(model).read(
             [Record("means", layers, weights=w)],
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device),
         )  # fmt: skip
     return trace.means("means", on_device=True)
 
@@ -161,20 +157,16 @@ def residual_norms(
     count = 0.0
     for start in range(0, len(texts), batch_size):
         encoded = model.tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False)["input_ids"]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), model.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):
-            ids[b, width - len(e) :] = torch.tensor(e)
-            mask[b, width - len(e) :] = 1
+        ids, mask = left_pad(encoded, model.tokenizer.pad_token_id)
+        width = ids.shape[1]
         weights = mask.float()
         weights[torch.arange(len(encoded)), width - torch.tensor([len(e) for e in encoded])] = 0
         record = Record("norms", layers, weights=weights[..., None], stat="norm")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
         with torch.inference_mode():
             trace = engine_for(model).read(
-                [record], input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=positions
-            )
+                [record], input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                position_ids=position_ids(mask).to(model.device),
+            )  # fmt: skip
         counts = trace.counts("norms")[:, 0]
         total += (trace.means("norms")[:, 0] * counts[:, None]).sum(dim=0)
         count += float(counts.sum())

@@ -151,13 +151,9 @@ def generate_batch(
     elif invariant and not supports_rowwise(model.config):
         raise PersonaxisError(f"{model.name} uses sliding windows or soft-capping: batch-invariant decoding cannot run")
     device = model.device
-    batch, width = len(prompts), max(len(p) for p in prompts)
     pad = model.tokenizer.pad_token_id
-    ids = torch.full((batch, width), pad, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        ids[b, width - len(prompt) :] = torch.tensor(prompt)
-        mask[b, width - len(prompt) :] = 1
+    ids, mask = left_pad(prompts, pad)
+    batch, width = ids.shape
     ops = list(ops)
     if capture_layers:
         weights = torch.zeros(batch, width, len(CAPTURES))
@@ -176,28 +172,14 @@ def generate_batch(
     finish: list[str] = [""] * batch
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode(), _invariance(model, invariant, batch), engine_for(model).apply(ops) as trace:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **extra)
         cache, logits = returned_cache(out), out.logits[:, -1]
         next_position = mask.sum(dim=1)
         active = [True] * batch
         while True:
-            feed = torch.zeros(batch, dtype=torch.long)
-            step_ids = torch.full((batch,), pad, dtype=torch.long)
             sampled = sample_next(logits, settings, generators, active)
-            for b in range(batch):
-                token = sampled[b]
-                if token is None:
-                    continue
-                if token in stops:
-                    finish[b], active[b] = "stop", False
-                    continue
-                tokens[b].append(token)
-                feed[b], step_ids[b] = 1, token
-                if len(tokens[b]) >= settings[b].max_new_tokens:
-                    finish[b], active[b] = "length", False
-                if on_token is not None and not projected and on_token(b, token, {}) is False:
-                    finish[b], active[b] = "stop", False
+            early = on_token if not projected else None  # with projections, a token is reported once it has run
+            feed, step_ids = _take(sampled, tokens, finish, active, settings, stops, pad, early)
             if not any(active) and not (readouts and feed.any()):
                 break
             feed, step_ids = feed.to(device), step_ids.to(device)
@@ -220,6 +202,51 @@ def generate_batch(
             if not any(active):
                 break
     return _collect(model, prompts, tokens, finish, trace, width, capture_layers, captures, ops)
+
+
+def _take(
+    sampled: Sequence[int | None],
+    tokens: list[list[int]],
+    finish: list[str],
+    active: list[bool],
+    settings: Sequence[Sampling],
+    stops: set[int],
+    pad: int,
+    on_token: Callable[[int, int, dict[str, torch.Tensor]], bool | None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append each row's sampled token to its reply, ending rows that stop or reach their budget; returns which rows
+    feed a token into the next step ([B] 0/1) and the tokens they feed ([B], padding elsewhere)."""
+    feed = torch.zeros(len(sampled), dtype=torch.long)
+    step_ids = torch.full((len(sampled),), pad, dtype=torch.long)
+    for b, token in enumerate(sampled):
+        if token is None:
+            continue
+        if token in stops:
+            finish[b], active[b] = "stop", False
+            continue
+        tokens[b].append(token)
+        feed[b], step_ids[b] = 1, token
+        if len(tokens[b]) >= settings[b].max_new_tokens:
+            finish[b], active[b] = "length", False
+        if on_token is not None and on_token(b, token, {}) is False:
+            finish[b], active[b] = "stop", False
+    return feed, step_ids
+
+
+def left_pad(rows: Sequence[Sequence[int] | torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned in one batch: ids [B, W] (`pad` before each row) and the attention mask [B, W]."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row) :] = torch.as_tensor(row, dtype=torch.long)
+        mask[b, width - len(row) :] = 1
+    return ids, mask
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch: 0 at each row's first real token (padding gets 0 too)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _invariance(model: ChatModel, invariant: bool, batch: int) -> ExitStack:

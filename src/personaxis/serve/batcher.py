@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from personaxis.engine import Op, Trace, engine_for
-from personaxis.inference.generation import Generation, accepts, sample_next, stop_token_ids
+from personaxis.inference.generation import Generation, accepts, left_pad, position_ids, sample_next, stop_token_ids
 from personaxis.model import ChatModel
 from personaxis.model.cache import append_rows, cache_argument, drop_left, returned_cache
 from personaxis.serve.plan import Registry
@@ -85,18 +85,12 @@ class RunningBatch:
         """Prefill `jobs` together (left-padded) and add them to the batch; on failure the batch is as it was."""
         generators = [_generator(job.sampling) for job in jobs]  # a bad seed fails here, before any work
         device, pad = self.model.device, self.model.tokenizer.pad_token_id
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for b, job in enumerate(jobs):
-            ids[b, width - len(job.prompt) :] = torch.tensor(job.prompt)
-            mask[b, width - len(job.prompt) :] = 1
+        ids, mask = left_pad([job.prompt for job in jobs], pad)
         ids, mask = ids.to(device), mask.to(device)
         ops = [op for row, job in enumerate(jobs) for op in job.plan.ops_for_row(row)]
         self._close()  # the engine runs one scope at a time: the running rows' scope reopens at the next step
         with torch.inference_mode(), engine_for(self.model).apply(ops) as trace:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
                                    **self.extra)  # fmt: skip
         hits = trace.cap_hits.tolist() if trace.cap_hits is not None else [0] * len(jobs)
         rows = [Row(job, g, cap_hits=int(h)) for job, g, h in zip(jobs, generators, hits, strict=True)]
