@@ -14,9 +14,10 @@ import transformers as tf
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
 from personaxis.model import ChatModel
+from personaxis.serve.jobs import Job
 from personaxis.serve.plan import Registry, make_plan
 from personaxis.serve.schema import Extension
-from personaxis.serve.worker import Job, Worker
+from personaxis.serve.worker import Worker
 
 QUESTIONS = ["Hello there", "What is the capital of France?", "Tell me about the sea and the waves and the wind", "Hi"]
 EXTENSIONS = [

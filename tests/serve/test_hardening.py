@@ -20,7 +20,8 @@ from serve.test_batching import EXTENSIONS, QUESTIONS, _finish, _job, _registry
 import personaxis.serve.chat as app_module
 from personaxis.inference.generation import Sampling
 from personaxis.serve import Limits
-from personaxis.serve.worker import Job, Worker
+from personaxis.serve.jobs import Job
+from personaxis.serve.worker import Worker
 
 HELLO = [{"role": "user", "content": "Hello"}]
 CHAT = "/v1/chat/completions"

@@ -41,7 +41,7 @@ from personaxis.serve.plan import Registry
 
 if TYPE_CHECKING:
     from personaxis.inference.generation import Sampling
-    from personaxis.serve.worker import Job
+    from personaxis.serve.jobs import Job
 
 
 @dataclass(eq=False)

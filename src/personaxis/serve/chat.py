@@ -25,11 +25,12 @@ from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Generation, Sampling, prompt_ids
 from personaxis.model import ChatModel
 from personaxis.serve.http import ApiError, ClientGone, read_body, stream_error, validate_request
+from personaxis.serve.jobs import Job, QueueFull
 from personaxis.serve.loop import ClosedLoop, Conversations, conversation_key
 from personaxis.serve.metrics import Metrics
 from personaxis.serve.plan import Registry, make_plan
 from personaxis.serve.schema import ChatRequest, Limits
-from personaxis.serve.worker import Job, QueueFull, Worker
+from personaxis.serve.worker import Worker
 
 if TYPE_CHECKING:
     from personaxis.vllm import VLLMModel
