@@ -1,4 +1,4 @@
-"""Strengths as users type them, and the default unit."""
+"""Strengths as users type them, the default unit, and the one rule for the default layer and phase."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personaxis.errors import PersonaxisError
-from personaxis.inference.steering import describe_strength, parse_strength, steer_op
+from personaxis.inference.steering import default_layer, describe_strength, parse_strength, project_op, steer_op
 from personaxis.vectors import VectorMeta, Vectors
 
 
@@ -36,3 +36,30 @@ def test_steer_op_is_relative_by_default():
     meta.mean_norms = None
     with pytest.raises(PersonaxisError, match="raw units"):
         steer_op(Vectors([0, 1], {"d": v}, meta), 0.5, 1)
+
+
+def _vectors_for(layers, n_layers=4, **extra):
+    meta = VectorMeta(model_id="tiny-llama", hidden_size=8, n_layers=n_layers, method="test",
+                      points_toward="a random direction", extra=extra)  # fmt: skip
+    return Vectors(list(layers), {"trait": torch.randn(len(layers), 8)}, meta)
+
+
+def test_default_layer():
+    """The one rule: the calibrated layer, else the layer the artifact names, else the nearest the middle."""
+    assert default_layer(_vectors_for(layers=(0, 1, 2, 3))) == 2  # the middle of 4 blocks
+    assert default_layer(_vectors_for(layers=(0, 3))) == 3  # the nearest the vectors have
+    assert default_layer(_vectors_for(layers=(0, 1, 2, 3), calibration={"choice": {"layer": 1, "coef": 4.0}})) == 1
+    assert default_layer(_vectors_for(layers=(0, 1, 2, 3), layer=3)) == 3  # named by the artifact (axis, demo)
+    assert default_layer(_vectors_for(layers=(0, 1, 2), layer=3)) == 2  # named but absent: the rule goes on
+    assert default_layer(_vectors_for(layers=(0, 1, 2, 3), layer=3, calibration={"choice": {"layer": 1}})) == 1
+    with pytest.raises(PersonaxisError, match="calibrated at layer 3"):
+        default_layer(_vectors_for(layers=(1, 2), calibration={"choice": {"layer": 3}}))
+    with pytest.raises(PersonaxisError, match="integer 'layer'"):
+        default_layer(_vectors_for(layers=(1, 2), calibration={"choice": {"best": 2}}))
+
+
+def test_the_default_phases():
+    """Steering acts on the reply, a cap on every position, a readout wherever it is given."""
+    vectors = _vectors_for(layers=(0, 1))
+    assert steer_op(vectors, 1.0, 1, units="raw").when == "response"
+    assert project_op(vectors, 1).when == "all"

@@ -10,7 +10,7 @@ from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, stop_token_ids
 from personaxis.model import Label
 from personaxis.store import RunStore
-from personaxis.traits.screening import Sample, check_output, default_layer, read_samples, screen
+from personaxis.traits.screening import Sample, check_output, read_samples, screen
 from personaxis.vectors import VectorMeta, Vectors
 
 CHATS = [
@@ -112,16 +112,6 @@ def test_empty_base_reply_leaves_delta_empty(tiny, tmp_path, monkeypatch):
     rows = result.ranked(1)
     assert all(row["delta_p"] is None and row["base_projection"] is None for row in rows)
     assert rows[0]["projection"] is not None
-
-
-def test_default_layer():
-    assert default_layer(vectors_for(layers=(0, 1, 2, 3))) == 2  # the middle of 4 blocks
-    assert default_layer(vectors_for(layers=(0, 3))) == 3  # the nearest the vectors have
-    assert default_layer(vectors_for(layers=(0, 1, 2, 3), calibration={"choice": {"layer": 1, "coef": 4.0}})) == 1
-    with pytest.raises(PersonaxisError, match="calibrated at layer 3"):
-        default_layer(vectors_for(layers=(1, 2), calibration={"choice": {"layer": 3}}))
-    with pytest.raises(PersonaxisError, match="integer 'layer'"):
-        default_layer(vectors_for(calibration={"choice": {"best": 2}}))
 
 
 def test_read_samples_names_the_line(tmp_path):

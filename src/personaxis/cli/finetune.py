@@ -62,9 +62,10 @@ def shift_command(
     from rich.table import Table
 
     from personaxis.finetune.shift import Shift, last_prompt_projection, load_tuned
+    from personaxis.inference.steering import default_layer
     from personaxis.model import load_model
     from personaxis.store import RunStore, atomic_write_text
-    from personaxis.traits.screening import check_output, default_layer
+    from personaxis.traits.screening import check_output
     from personaxis.vectors import Vectors
 
     console = Console()
@@ -141,9 +142,8 @@ def finetune_command(
     """Train a LoRA adapter, optionally steering along (or ablating) a trait direction only while it trains."""
     from personaxis.common.datasets import parse_layers, read_chats
     from personaxis.finetune.train import TrainConfig, check_adapter_dir, finetune
-    from personaxis.inference.steering import ablate_op, steer_op
+    from personaxis.inference.steering import ablate_op, default_layer, steer_op
     from personaxis.model import load_model
-    from personaxis.traits.screening import default_layer
     from personaxis.vectors import Vectors
 
     if prevent is not None and ablate is not None:

@@ -45,8 +45,9 @@ def screen_command(
     from rich.console import Console
 
     from personaxis.inference.generation import Sampling
+    from personaxis.inference.steering import default_layer
     from personaxis.store import RunStore
-    from personaxis.traits.screening import check_output, default_layer, read_samples, screen, write_outputs
+    from personaxis.traits.screening import check_output, read_samples, screen, write_outputs
     from personaxis.vectors import Vectors
 
     console = Console(stderr=True)

@@ -4,6 +4,13 @@ These are the few lines every pipeline, the CLI and the server share, so that "s
 same thing everywhere. The default unit, in Python, on the command line, in the server and on the dashboard, is
 `relative`: c · mean_norm_i · v̂_i, a fraction of the layer's mean residual norm stored in the artifact (portable across
 layers and models; useful strengths are about 0.05–0.3). `units="raw"` adds c · v_i as the persona-vectors paper does.
+
+Where an artifact is used when the caller does not say (one rule, here, for the CLI, the pipelines and the server):
+- the layer, `default_layer`: the layer its calibration chose (`trait calibrate`), else the layer it names
+  (`meta.extra["layer"]`: the axis build's layer, the demo's chosen one), else the one nearest the network's middle;
+- the phase: steering acts on the reply (`STEER_WHEN = "response"`: from the last prompt token on, as the
+  persona-vectors paper steers), a cap on every position (`CAP_WHEN = "all"`: a jailbreak lives in the prompt), a
+  readout on every position it is given (`READ_WHEN = "all"`; a reply's mean is taken over the reply's tokens).
 """
 
 from __future__ import annotations
@@ -25,6 +32,26 @@ Units = Literal["raw", "relative"]
 UNITS: tuple[Units, ...] = ("relative", "raw")
 DEFAULT_UNITS: Units = "relative"
 _SUFFIXES: dict[str, Units] = {"rel": "relative", "relative": "relative", "raw": "raw"}
+STEER_WHEN: When = "response"
+CAP_WHEN: When = "all"
+READ_WHEN: When = "all"
+
+
+def default_layer(vectors: Vectors) -> int:
+    """The layer an artifact is used at when none is given (the module's rule)."""
+    choice = (vectors.meta.extra.get("calibration") or {}).get("choice")
+    if choice is not None:
+        layer = choice.get("layer")
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise PersonaxisError("the vectors' calibration choice has no integer 'layer'")
+        if layer not in vectors.layers:
+            raise PersonaxisError(f"the vectors were calibrated at layer {layer} but hold no direction there")
+        return layer
+    named = vectors.meta.extra.get("layer")
+    if isinstance(named, int) and not isinstance(named, bool) and named in vectors.layers:
+        return named
+    middle = vectors.meta.n_layers // 2
+    return min(vectors.layers, key=lambda layer: (abs(layer - middle), layer))
 
 
 def check_units(units: str) -> Units:
@@ -77,7 +104,7 @@ def steer_op(
     *,
     name: str | None = None,
     units: Units = DEFAULT_UNITS,
-    when: When = "all",
+    when: When = STEER_WHEN,
     rows: Sequence[int] | None = None,
 ) -> Add:
     """Add coef·mean_norm·v̂ (relative, the default) or coef·v (raw) at `layers`."""
@@ -94,7 +121,7 @@ def ablate_op(vectors: Vectors, layers: int | Iterable[int] | None = None, *, na
     return Ablate({layer: vectors.direction(layer, name) for layer in _layers(vectors, layers)}, **kw)
 
 
-def cap_op(config: CapConfig, *, when: When = "all", rows: Sequence[int] | None = None) -> Cap:
+def cap_op(config: CapConfig, *, when: When = CAP_WHEN, rows: Sequence[int] | None = None) -> Cap:
     """The capping configuration as one engine op (every token position of its window of layers)."""
     directions = {layer: config.unit(layer) for layer in config.layers}
     bounds = {layer: config.threshold(layer) for layer in config.layers}
@@ -104,10 +131,18 @@ def cap_op(config: CapConfig, *, when: When = "all", rows: Sequence[int] | None 
 
 
 def project_op(
-    vectors: Vectors, layers: int | Iterable[int] | None = None, *, name: str | None = None, label: str | None = None
+    vectors: Vectors,
+    layers: int | Iterable[int] | None = None,
+    *,
+    name: str | None = None,
+    label: str | None = None,
+    when: When = READ_WHEN,
 ) -> Project:
+    """Read the projection on the direction (its unit vector) at `layers`, per token, under `label` (default: the
+    direction's name)."""
     chosen = _layers(vectors, layers)
-    return Project(label or vectors.resolve(name), {layer: vectors.direction(layer, name) for layer in chosen})
+    directions = {layer: vectors.direction(layer, name) for layer in chosen}
+    return Project(label or vectors.resolve(name), directions, when=when)
 
 
 @contextmanager
@@ -129,7 +164,7 @@ def steer(
     *,
     name: str | None = None,
     units: Units = DEFAULT_UNITS,
-    when: When = "all",
+    when: When = STEER_WHEN,
 ) -> AbstractContextManager[Trace]:
     """`with px.steer(model, vectors, 0.15, 14): ...`: add `steer_op(vectors, coef, layers)` (relative units by
     default) to every forward inside the block."""
@@ -147,7 +182,7 @@ def ablate(
     return steering(model, ablate_op(vectors, layers, name=name))
 
 
-def cap(model: ChatModel | nn.Module, config: CapConfig, *, when: When = "all") -> AbstractContextManager[Trace]:
+def cap(model: ChatModel | nn.Module, config: CapConfig, *, when: When = CAP_WHEN) -> AbstractContextManager[Trace]:
     """`with px.cap(model, CapConfig.load(...)): ...`: hold the projection on the config's window at its bound;
     `trace.cap_hits` counts per row how often it bit."""
     return steering(model, cap_op(config, when=when))

@@ -14,6 +14,7 @@ import torch
 
 from personaxis.engine import Add, Cap, Op, Project
 from personaxis.errors import PersonaxisError
+from personaxis.inference.steering import cap_op, default_layer, project_op, steer_op
 from personaxis.serve.schema import Extension, InlineCap, Steer
 from personaxis.vectors.artifact import Vectors
 from personaxis.vectors.cap import CapConfig
@@ -51,14 +52,6 @@ class Direction:
             "relative": self.vectors.meta.mean_norms is not None,
             "points_toward": self.vectors.meta.points_toward,
         }
-
-
-def default_layer(vectors: Vectors) -> int:
-    """The layer an artifact says to use (`meta.extra["layer"]`), else the middle of its layers."""
-    layer = vectors.meta.extra.get("layer")
-    if isinstance(layer, int) and layer in vectors.layers:
-        return layer
-    return vectors.layers[len(vectors.layers) // 2]
 
 
 @dataclass
@@ -108,20 +101,18 @@ class Registry:
     # -- ops ------------------------------------------------------------------------------------------------------
 
     def steer_op(self, spec: Steer) -> Add:
+        """The request's steering, through the one path from an artifact to an op (`inference.steering`)."""
         d = self.direction(spec.vector)
         layers = spec.layers or [spec.layer if spec.layer is not None else d.layer]
-        raw = {layer: d.raw(layer) for layer in layers}
-        norms = d.vectors.meta.mean_norms
-        if spec.units == "relative" and norms is None:
+        for layer in layers:
+            d.raw(layer)  # a layer the artifact lacks is the request's mistake, named as such
+        if spec.units == "relative" and d.vectors.meta.mean_norms is None:
             raise SpecError(f'vector \'{spec.vector}\' has no mean residual norms: use "units": "raw"')
-        return Add.scaled(raw, spec.coef, mean_norms=norms if spec.units == "relative" else None, when="response")
+        return steer_op(d.vectors, spec.coef, layers, name=d.key, units=spec.units)
 
     def cap_op(self, spec: str | InlineCap) -> Cap:
         if isinstance(spec, str):
-            cap = self.cap(spec)
-            units = {layer: cap.unit(layer) for layer in cap.layers}
-            tau = dict(zip(cap.layers, cap.tau, strict=True))
-            kind = cap.kind
+            return cap_op(self.cap(spec))
         else:
             d = self.direction(spec.vector)
             units = {layer: d.unit(layer) for layer in spec.layers}
@@ -131,8 +122,9 @@ class Registry:
         return Cap(units, floor=tau if kind == "floor" else None, ceiling=tau if kind == "ceiling" else None)
 
     def monitor_op(self, name: str) -> Project:
+        """A monitor reads the reply only: what the server reports, with no prompt positions kept per request."""
         d = self.direction(name)
-        return Project(f"monitor:{name}", {d.layer: d.unit(d.layer)}, when="response")
+        return project_op(d.vectors, d.layer, name=d.key, label=f"monitor:{name}", when="response")
 
 
 @dataclass

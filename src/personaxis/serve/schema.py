@@ -12,6 +12,7 @@ request is wholly checked before it is tokenised or joins a batch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -202,7 +203,14 @@ def _short(value: int) -> str:
 
 def where(item: dict) -> str:
     """An error's field as a dotted path (`personaxis.steer.0.coef`), without pydantic's union-branch names."""
-    return ".".join(str(p) for p in item["loc"] if not _branch(p))
+    return ".".join(_field(p) for p in item["loc"] if not _branch(p))
+
+
+def _field(part: str | int) -> str:
+    """A location part as printed: a key the client invented is quoted (as JSON) when it is no plain name, so that it
+    can never break the message's one line."""
+    text = str(part)
+    return text if text.isidentifier() or isinstance(part, int) else json.dumps(text[:40])
 
 
 def _branch(part: str | int) -> bool:

@@ -73,23 +73,6 @@ def read_samples(path: str | os.PathLike[str]) -> list[Sample]:
     return samples
 
 
-def default_layer(vectors: Vectors) -> int:
-    """The layer `trait calibrate` chose (`meta.extra["calibration"]["choice"]["layer"]`), else the one nearest the
-    middle of the network."""
-    from personaxis.traits.steer import calibration_choice
-
-    choice = calibration_choice(vectors)
-    if choice is not None:
-        layer = choice.get("layer")
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise PersonaxisError("the vectors' calibration choice has no integer 'layer'")
-        if layer not in vectors.layers:
-            raise PersonaxisError(f"the vectors were calibrated at layer {layer} but hold no direction there")
-        return layer
-    middle = vectors.meta.n_layers // 2
-    return min(vectors.layers, key=lambda layer: (abs(layer - middle), layer))
-
-
 @dataclass
 class Screening:
     """Projections of every sample's reply and of the model's own reply, per layer; ΔP is their difference."""
