@@ -13,9 +13,9 @@ import transformers as tf
 
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
+from personaxis.inference.plan import Registry, make_plan
 from personaxis.model import ChatModel
 from personaxis.serve.jobs import Job
-from personaxis.serve.plan import Registry, make_plan
 from personaxis.serve.schema import Extension
 from personaxis.serve.worker import Worker
 

@@ -12,8 +12,8 @@ from serve.serving_helpers import random_vectors
 from serve.test_batching import EXTENSIONS, QUESTIONS, _run_jobs
 
 from personaxis.errors import PersonaxisError
+from personaxis.inference.plan import Registry
 from personaxis.model.attention import ROWWISE, rowwise_attention, set_attention, supports_rowwise
-from personaxis.serve.plan import Registry
 from personaxis.vectors.cap import CapConfig
 
 

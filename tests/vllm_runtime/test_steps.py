@@ -181,7 +181,7 @@ def test_specs_parse_salt_and_refuse_in_one_line(tmp_path, monkeypatch):
 def test_named_vectors_resolve_as_the_server_resolves_them(tmp_path, monkeypatch, tiny):
     from serve.serving_helpers import random_vectors
 
-    from personaxis.serve.plan import Registry, make_plan
+    from personaxis.inference.plan import Registry, make_plan
     from personaxis.serve.schema import Extension
 
     vectors = random_vectors(tiny, ("evil",), seed=4)

@@ -26,11 +26,12 @@ from personaxis.model.chat import Label
 from personaxis.model.loading import ChatModel
 
 CAPTURES = ("response", "prompt", "last_prompt")
+GREEDY_BELOW = 1e-5  # a temperature this low decodes greedily (as vLLM does): logits / T would overflow to inf
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-row sampling settings; temperature 0 means greedy."""
+    """Per-row sampling settings; temperature 0 (or below `GREEDY_BELOW`) means greedy."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -44,6 +45,10 @@ class Sampling:
             raise PersonaxisError("temperature must be a finite number ≥ 0")
         if not 0 < self.top_p <= 1:
             raise PersonaxisError("top_p must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -85,8 +90,8 @@ def sample_next(
 ) -> list[int | None]:
     """Next token of every active row, with one device-to-host transfer for the whole batch."""
     rows = [b for b in range(len(active)) if active[b]]
-    greedy = [b for b in rows if settings[b].temperature == 0]
-    sampled = [b for b in rows if settings[b].temperature > 0]
+    greedy = [b for b in rows if settings[b].greedy]
+    sampled = [b for b in rows if not settings[b].greedy]
     out: list[int | None] = [None] * len(active)
     if greedy:
         for b, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True):
@@ -163,7 +168,7 @@ def generate_batch(
     projected = [op.name for op in ops if isinstance(op, Project)]
     readouts = bool(capture_layers or projected)
     generators = [
-        torch.Generator().manual_seed(s.seed) if s.seed is not None and s.temperature > 0 else None for s in settings
+        torch.Generator().manual_seed(s.seed) if s.seed is not None and not s.greedy else None for s in settings
     ]
     stops = stop_token_ids(model)
     extra = {"logits_to_keep": 1} if accepts(model.model, "logits_to_keep") else {}

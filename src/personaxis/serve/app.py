@@ -19,12 +19,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
+from personaxis.inference.plan import Registry
 from personaxis.model import ChatModel
 from personaxis.serve.chat import ChatService, default_policy
 from personaxis.serve.http import ApiError, error_response
 from personaxis.serve.loop import ClosedLoop
 from personaxis.serve.metrics import Metrics
-from personaxis.serve.plan import Registry
 from personaxis.serve.schema import Limits
 from personaxis.serve.worker import Worker
 from personaxis.vectors.artifact import Vectors
@@ -52,7 +52,7 @@ def create_app(
     batch_invariant: bool | None = None,
 ) -> FastAPI:
     """Build the app. The model is used by one worker thread only, started and stopped with the app's lifespan;
-    a `personaxis.vllm.VLLMModel` is served by vLLM's engine (`vllm.serving`), any other by our runtime.
+    a `personaxis.vllm.VLLMModel` is served by vLLM's engine (`serve.vllm_worker`), any other by our runtime.
 
     `axis` is named "axis"; `vectors` are named by their keys (`key:direction` for multi-direction files); a single
     `caps` is named "default". `space` (optional) is the persona-space view served to the dashboard, e.g.
@@ -63,7 +63,7 @@ def create_app(
     policy = policy or default_policy(registry)
     metrics = Metrics()
     if model.runtime == "vllm":
-        from personaxis.vllm.serving import VLLMWorker
+        from personaxis.serve.vllm_worker import VLLMWorker
 
         worker = VLLMWorker(model, registry, max_queue=limits.max_queue, on_batch=metrics.batch)
     else:

@@ -35,9 +35,9 @@ from transformers.cache_utils import DynamicCache
 
 from personaxis.engine import Op, Trace, engine_for
 from personaxis.inference.generation import Generation, accepts, left_pad, position_ids, sample_next, stop_token_ids
+from personaxis.inference.plan import Registry
 from personaxis.model import ChatModel
 from personaxis.model.cache import append_rows, cache_argument, drop_left, returned_cache
-from personaxis.serve.plan import Registry
 
 if TYPE_CHECKING:
     from personaxis.inference.generation import Sampling
@@ -305,6 +305,6 @@ def one_line(exc: BaseException) -> str:
 
 
 def _generator(sampling: Sampling) -> torch.Generator | None:
-    if sampling.seed is None or sampling.temperature == 0:
+    if sampling.seed is None or sampling.greedy:
         return None
     return torch.Generator().manual_seed(sampling.seed)

@@ -23,18 +23,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Generation, Sampling, prompt_ids
+from personaxis.inference.plan import Registry, make_plan
 from personaxis.model import ChatModel
 from personaxis.serve.http import ApiError, ClientGone, read_body, stream_error, validate_request
 from personaxis.serve.jobs import Job, QueueFull
 from personaxis.serve.loop import ClosedLoop, Conversations, conversation_key
 from personaxis.serve.metrics import Metrics
-from personaxis.serve.plan import Registry, make_plan
 from personaxis.serve.schema import ChatRequest, Limits
 from personaxis.serve.worker import Worker
 
 if TYPE_CHECKING:
+    from personaxis.serve.vllm_worker import VLLMWorker
     from personaxis.vllm import VLLMModel
-    from personaxis.vllm.serving import VLLMWorker
 
 log = logging.getLogger("personaxis.serve")
 

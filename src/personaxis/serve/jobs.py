@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personaxis.inference.generation import Sampling
-from personaxis.serve.plan import Plan
+from personaxis.inference.plan import Plan
 
 
 class QueueFull(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PROJECTION_BUCKETS = (-200, -100, -50, -20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200)
+from personaxis.inference.plan import PROJECTION_BUCKETS
 
 
 class Metrics:

@@ -26,12 +26,12 @@ import torch
 
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Generation, generate_batch
+from personaxis.inference.plan import Registry
 from personaxis.model import ChatModel
 from personaxis.model.attention import rowwise, supports_rowwise
 from personaxis.model.cache import returned_cache, spliceable
 from personaxis.serve.batcher import RunningBatch, one_line
 from personaxis.serve.jobs import Job, QueueFull, post
-from personaxis.serve.plan import Registry
 
 
 class Worker:

@@ -106,7 +106,7 @@ def check(spec: Any) -> None:
 
 
 def _extension(parsed: dict[str, Any]):  # noqa: ANN202 - serve.schema.Extension
-    from personaxis.serve.schema import Extension, explain
+    from personaxis.inference.requests import Extension, explain
 
     try:
         return Extension.model_validate(parsed)
@@ -131,7 +131,7 @@ class Resolver:
             if ops is None:
                 raise PersonaxisError(f"no ops registered under {key!r} in this process")
             return Resolved(list(ops), key)
-        from personaxis.serve.plan import make_plan
+        from personaxis.inference.plan import make_plan
 
         extension = _extension(parsed)
         if self._registry is None:
@@ -141,7 +141,7 @@ class Resolver:
 
 
 def _registry(folder: str | os.PathLike[str], model_info: Any):  # noqa: ANN202 - serve.plan.Registry
-    from personaxis.serve.plan import Registry
+    from personaxis.inference.plan import Registry
     from personaxis.vectors import load_vectors_dir
     from personaxis.vectors.cap import CapConfig
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from personaxis.engine.ops import Ablate, Add, Cap, Project
-from personaxis.serve.metrics import PROJECTION_BUCKETS
+from personaxis.inference.plan import PROJECTION_BUCKETS
 from personaxis.store.atomic import atomic_write_text
 from personaxis.vllm.steps import RequestOps
 

@@ -14,10 +14,30 @@ import torch
 
 from personaxis.engine import Add, Cap, Op, Project
 from personaxis.errors import PersonaxisError
+from personaxis.inference.requests import Extension, InlineCap, Steer
 from personaxis.inference.steering import cap_op, default_layer, project_op, steer_op
-from personaxis.serve.schema import Extension, InlineCap, Steer
 from personaxis.vectors.artifact import Vectors
 from personaxis.vectors.cap import CapConfig
+
+PROJECTION_BUCKETS = (
+    -200,
+    -100,
+    -50,
+    -20,
+    -10,
+    -5,
+    -2,
+    -1,
+    0,
+    1,
+    2,
+    5,
+    10,
+    20,
+    50,
+    100,
+    200,
+)  # a reply's mean, in metrics
 
 
 class SpecError(PersonaxisError):

@@ -24,8 +24,8 @@ from typing import Any
 
 from personaxis.engine.ops import Op, validate_ops
 from personaxis.inference.generation import Generation
+from personaxis.inference.plan import Registry
 from personaxis.serve.jobs import Job, QueueFull, post
-from personaxis.serve.plan import Registry
 from personaxis.vllm.offline import VLLMModel
 
 
