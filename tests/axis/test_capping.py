@@ -9,10 +9,10 @@ from axis.axis_helpers import FakeJudge
 
 from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.capping import (
-    CappedBackend,
     Score,
     calibrate,
     cap_config,
+    capped_backend,
     capped_turn_projections,
     classify_jailbreaks,
     describe_profile,
@@ -135,10 +135,10 @@ def test_jailbreak_categories_are_read_one_based_and_garbage_is_undefined():
 
 def test_capped_and_uncapped_replies_are_different_samples(tiny):
     config = cap_config(axis_of(tiny), {i: 0.0 for i in range(tiny.n_layers)}, [1], 25.0, "x")
-    plain = CappedBackend(tiny, [1], None).identity()
-    capped = CappedBackend(tiny, [1], config).identity()
+    plain = capped_backend(tiny, [1], None).identity()
+    capped = capped_backend(tiny, [1], config).identity()
     assert plain["cap"] is None and capped["cap"] != plain["cap"]
-    assert CappedBackend(tiny, [1], config.as_ceiling()).identity() == capped  # the same cap written as a ceiling
+    assert capped_backend(tiny, [1], config.as_ceiling()).identity() == capped  # the same cap written as a ceiling
 
 
 def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):

@@ -23,7 +23,7 @@ import torch
 from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.evals import CapabilityItem, JailbreakItem, JudgeRubric, grade_capability
 from personaxis.axis.space import check_percentile, pareto_front, percentile
-from personaxis.backends.runs import LocalBackend, Rollout, run_captures, run_rollouts
+from personaxis.backends.runs import OpsBackend, Rollout, run_captures, run_rollouts
 from personaxis.common.progress import in_chunks
 from personaxis.common.stats import below, check_alpha
 from personaxis.errors import PersonaxisError
@@ -125,22 +125,17 @@ def sweep_windows(n_layers: int, sizes: Sequence[int] = (4, 8, 16), positions: i
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
 
-class CappedBackend(LocalBackend):
+def capped_backend(
+    model: ChatModel | VLLMModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8
+) -> OpsBackend:
     """Local generation with a cap applied; the cap is part of the identity, so capped and uncapped replies to the
-    same prompt are different samples in the store."""
-
-    def __init__(
-        self, model: ChatModel | VLLMModel, layers: Sequence[int], cap: CapConfig | None, batch_size: int = 8
-    ) -> None:
-        super().__init__(model, layers, ("response",), batch_size, ops=[cap_op(cap)] if cap is not None else [])
-        self.cap = cap
-
-    def identity(self) -> dict[str, Any]:
-        cap = None
-        if self.cap is not None:
-            floor = self.cap.as_floor()
-            cap = key(layers=floor.layers, tau=floor.tau, directions=floor.directions.flatten().tolist())
-        return {**super().identity(), "cap": cap}
+    same prompt are different samples in the store (a cap written as a ceiling is the same cap as its floor)."""
+    described = None
+    if cap is not None:
+        floor = cap.as_floor()
+        described = key(layers=floor.layers, tau=floor.tau, directions=floor.directions.flatten().tolist())
+    ops = [cap_op(cap)] if cap is not None else []
+    return OpsBackend(model, ops, {"cap": described}, layers, ("response",), batch_size)
 
 
 def classify_jailbreaks(
@@ -244,7 +239,7 @@ def evaluate(
     `sampling`) lets worked answers run longer than the jailbreak replies the judge must read. The replies come from
     `generator` when given (vLLM, the cap applied there), else from `model`.
     """
-    backend = CappedBackend(generator or model, [layer], cap, batch_size=batch_size)
+    backend = capped_backend(generator or model, [layer], cap, batch_size=batch_size)
     plan = [Rollout.make(f"jb/{item.id}", _jailbreak_chat(item), sampling) for item in jailbreaks]
     plan += [
         Rollout.make(f"cap/{item.id}", _capability_chat(item), capability_sampling or sampling) for item in capability
