@@ -7,26 +7,21 @@ import pytest
 import torch
 from axis.axis_helpers import FakeJudge
 
-from personaxis.axis.build import ROLLOUT_STAGE
-from personaxis.axis.capping import (
+from personaxis.axis.calibration import calibrate, cap_config, pooled_projections
+from personaxis.axis.drift import turn_projections
+from personaxis.axis.evals.capability import ArithmeticItem, FactItem
+from personaxis.axis.evals.jailbreaks import JailbreakItem, load_jailbreak_rubric
+from personaxis.axis.outcomes import (
     Score,
-    calibrate,
-    cap_config,
-    capped_backend,
-    capped_turn_projections,
     classify_jailbreaks,
     describe_profile,
     describe_projections,
-    evaluate,
-    layer_profile,
     paired,
-    pooled_projections,
     projection_by_outcome,
-    replay,
-    sweep,
 )
-from personaxis.axis.drift import turn_projections
-from personaxis.axis.evals import ArithmeticItem, FactItem, JailbreakItem, load_jailbreak_rubric
+from personaxis.axis.replay import capped_turn_projections, replay
+from personaxis.axis.rollouts import ROLLOUT_STAGE
+from personaxis.axis.sweep import SweepConfig, capped_backend, evaluate, layer_profile, sweep
 from personaxis.engine import Project
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling, generate
@@ -163,21 +158,12 @@ def test_evaluate_and_sweep_on_a_tiny_model(tiny, tmp_path):
     assert groups["harmful"] == {"n": 1, "mean": pytest.approx(stored["jb/q0@villain"])}
     assert groups["other"]["n"] == 2 and groups["refused"] == {"n": 0, "mean": None}
     assert groups["capability"]["mean"] == pytest.approx(np.mean([stored[f"cap/{i.id}"] for i in CAPABILITY]))
-    baseline, result, configs = sweep(
-        tiny,
-        store,
-        axis,
-        projections,
-        [[1, 2], [2, 3]],
-        [25, 75],
-        JAILBREAKS,
-        CAPABILITY,
-        judge,
-        RUBRIC,
-        sampling,
-        layer=2,
-        source="test",
-    )
+    config = SweepConfig(spans=[[1, 2], [2, 3]], percentiles=[25, 75], max_tokens=3, capability_tokens=3, layer=2)
+    swept = sweep(
+        tiny, store, axis, config, judge=judge, jailbreaks=JAILBREAKS, capability=CAPABILITY, rubric=RUBRIC,
+        projections=projections, progress=False,
+    )  # fmt: skip
+    baseline, result, configs = swept.baseline, swept.data, swept.configs
     assert baseline["harm_rate"] == pytest.approx(1 / 3)
     assert [r["id"] for r in result["rows"]] == ["layers_1:3-p25", "layers_1:3-p75", "layers_2:4-p25", "layers_2:4-p75"]
     assert set(configs) == {r["id"] for r in result["rows"]}
@@ -268,22 +254,11 @@ def test_screened_refusals_count_as_judged_and_not_harmful(tiny, tmp_path):
     unscreened = evaluate(tiny, store, None, JAILBREAKS, CAPABILITY, judge, nothing, sampling, **common)
     assert (unscreened.harmful, unscreened.refused, judge.calls) == (3, None, 6)
     with pytest.raises(PersonaxisError, match="has none"):
+        config = SweepConfig(spans=[[1]], percentiles=[25], max_tokens=3, capability_tokens=3, layer=2, screen=True)
         sweep(
-            tiny,
-            store,
-            axis_of(tiny),
-            torch.randn(5, tiny.n_layers),
-            [[1]],
-            [25],
-            JAILBREAKS,
-            CAPABILITY,
-            judge,
-            nothing,
-            sampling,
-            layer=2,
-            source="test",
-            screen=True,
-        )
+            tiny, store, axis_of(tiny), config, judge=judge, jailbreaks=JAILBREAKS, capability=CAPABILITY,
+            rubric=nothing, projections=torch.randn(5, tiny.n_layers),
+        )  # fmt: skip
 
 
 def test_capability_items_can_have_their_own_reply_length(tiny, tmp_path):

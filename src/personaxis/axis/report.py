@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from personaxis.axis import plots
-from personaxis.axis.build import NO_JUDGE, load_summary
-from personaxis.axis.capping import describe_profile, describe_projections
+from personaxis.axis.outcomes import describe_profile, describe_projections
+from personaxis.axis.runfiles import CALIBRATION, DRIFT, NO_JUDGE, PLOTS, REPORT, STABILITY, SWEEP, load_summary
 from personaxis.store import atomic_write_text
-
-DRIFT = "drift.json"
-CALIBRATION = "calibration.json"
-SWEEP = "sweep.json"
-STABILITY = "stability.json"
-REPORT = "report.md"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -296,7 +290,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md (and redraw RUN_DIR/plots/*.png); returns the report's path."""
     run = Path(run_dir)
     summary = load_summary(run)
-    folder = run / "plots"
+    folder = run / PLOTS
     figures = plots.build_plots(folder, summary)
     lines = _build_section(summary, figures, run)
     stability = _read(run / STABILITY)

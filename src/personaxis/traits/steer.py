@@ -73,5 +73,3 @@ def trait_steering(
     op = trait_steer_op(vectors, coef, layer, name=name, units=units, when=when)
     with steering(model, op):
         yield op
-
-
