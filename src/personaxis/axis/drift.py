@@ -458,3 +458,27 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
         "per_conversation": per_conversation,
         "paper_direction": None if None in means else means[0] < means[1],
     }
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def describe_stats(stats: dict[str, Any]) -> list[str]:
+    """`drift_stats` in sentences: replies that speak as an AI, then the away-vs-stay tests per turn and per
+    conversation."""
+    ai, without = stats["as_ai"], stats["as_ai"]["per_conversation_without"]
+    lines = [
+        f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
+        f"against {_fmt(ai['mean_projection'][1])} for the others; per conversation without them: therapy+philosophy "
+        f"{_fmt(without['mean'][0])} vs coding+writing {_fmt(without['mean'][1])} "
+        f"(Welch p={_fmt(without['welch_p'], '.3g')})"
+    ]
+    for level in ("per_turn", "per_conversation"):
+        t = stats[level]
+        away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])
+        lines.append(
+            f"{level.replace('_', ' ')}: therapy+philosophy {away} vs coding+writing {stay} "
+            f"(Welch p={_fmt(t['welch_p'], '.3g')}, Mann-Whitney p={_fmt(t['mannwhitney_p'], '.3g')})"
+        )
+    return lines

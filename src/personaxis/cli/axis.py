@@ -120,18 +120,9 @@ def build_cmd(
     from personaxis.axis.runfiles import REPORT
 
     base = QUICK if quick else BuildConfig()
-    given = dict(
-        questions=questions,
-        samples=samples,
-        max_tokens=max_tokens,
-        judge=judge,
-        screen=screen,
-        min_count=min_count,
-        target_layer=target_layer,
-        seed=seed,
-        batch_size=batch_size,
-        model_name=model_name,
-    )
+    given = dict(questions=questions, samples=samples, max_tokens=max_tokens, judge=judge, screen=screen,
+                 min_count=min_count, target_layer=target_layer, seed=seed, batch_size=batch_size,
+                 model_name=model_name)  # fmt: skip
     overrides = {k: v for k, v in given.items() if v is not None}
     if roles is not None:
         overrides.update(roles=_count(roles, "roles"), quick_roles=False)
@@ -143,42 +134,40 @@ def build_cmd(
     question_library = load_questions(questions_file) if questions_file else None
     m = load(model, dtype, device)
     with backend_options.open(m, range(m.n_layers), CAPTURES, config.batch_size) as backend:
-        judge_obj = None
-        if config.judged:
-            from personaxis.judge.spec import judge_from_spec
-            from personaxis.store import RunStore
-
-            store = RunStore(run)
-            judge_obj = judge_on(backend, config.judge, cache=store, model=m) or judge_from_spec(
-                config.judge, cache=store, same=m
-            )
+        judge_obj = _build_judge(backend, config.judge, run, m) if config.judged else None
         result = build_axis(
             m, run, config, judge=judge_obj, roles=role_library, questions=question_library, backend=backend, log=_say
         )
-    s = result.summary
-    table = Table(title=f"Assistant Axis of {m.name}", show_header=False)
+    _show_build(result.summary, m.name, run / REPORT)
+
+
+def _build_judge(backend: Any, spec: str, run: Path, m: Any) -> Any:
+    """The role-adoption judge: on the backend's workers when it runs there, else from its spec."""
+    from personaxis.judge.spec import judge_from_spec
+    from personaxis.store import RunStore
+
+    store = RunStore(run)
+    return judge_on(backend, spec, cache=store, model=m) or judge_from_spec(spec, cache=store, same=m)
+
+
+def _show_build(s: dict[str, Any], name: str, report: Path) -> None:
+    table = Table(title=f"Assistant Axis of {name}", show_header=False)
+    kept, dropped, found = s["roles"]["kept"], s["roles"]["dropped"], s["ai_self_reference"]
+    as_ai, rho = f"{found['replies']} of {found['of']}", found["pc1_spearman"]
+    as_ai += "" if rho is None else f"; Spearman ρ of a role's share with PC1 {rho:.2f}"
     for label, value in (
-        (
-            "roles kept / dropped",
-            f"{len(s['roles']['kept'])} / {len(s['roles']['dropped'])} {list(s['roles']['dropped'])[:8]}",
-        ),
+        ("roles kept / dropped", f"{len(kept)} / {len(dropped)} {list(dropped)[:8]}"),
         ("judge", s["judge"]["mode"]),
         (f"PC1 variance (layer {s['target_layer']})", f"{100 * s['pca']['pc1_variance']:.1f}%"),
         ("PCs for 70%", s["pca"]["pcs_for_70_percent"]),
         ("|cos(PC1, axis)| at target", f"{s['axis']['pc1_cosine_at_target']:.3f}"),
         ("empty replies", s["counts"]["empty_replies"]),
-        ("replies presenting as an AI", _as_ai(s["ai_self_reference"])),
+        ("replies presenting as an AI", as_ai),
         ("artifacts", ", ".join(s["artifacts"].values())),
-        ("report", run / REPORT),
+        ("report", report),
     ):
         table.add_row(label, str(value))
     console.print(table)
-
-
-def _as_ai(found: dict[str, Any]) -> str:
-    share = f"{found['replies']} of {found['of']}"
-    rho = found["pc1_spearman"]
-    return share if rho is None else f"{share}; Spearman ρ of a role's share with PC1 {rho:.2f}"
 
 
 @axis_app.command("report")
@@ -321,7 +310,7 @@ def drift_cmd(
     device: DeviceOpt = None,
 ):
     """Project every assistant turn of multi-turn conversations on the Assistant Axis, by domain."""
-    from personaxis.axis.drift import DriftConfig, run_drift
+    from personaxis.axis.drift import DriftConfig, describe_stats, run_drift
     from personaxis.axis.evals.conversations import load_conversations
     from personaxis.axis.runfiles import load_axis, run_of
 
@@ -331,14 +320,10 @@ def drift_cmd(
     )  # fmt: skip
     library = load_conversations(conversations).conversations
     check_generator(generator, vllm_args)
-    if simulated_user and generator != "local":
-        raise PersonaxisError(
-            "--generator vllm runs the scripted conversations; a simulated user talks to the HF model"
-        )
     run = run or run_of(axis)
     m = load(model, dtype, device)
     vectors, _ = load_axis(axis, m, _say)
-    vllm = None if simulated_user else open_generator(m, generator, vllm_args, batch_size)
+    vllm = open_generator(m, generator, vllm_args, batch_size)
     found = run_drift(m, vectors, config, axis_file=axis, run_dir=run, conversations=library, generator=vllm, log=_say)
     stats, layer, mode = found.data["stats"], found.data["layer"], found.data["mode"]
     table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
@@ -349,22 +334,8 @@ def drift_cmd(
         share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
         table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope, share)
     console.print(table)
-    ai, without = stats["as_ai"], stats["as_ai"]["per_conversation_without"]
-    console.print(
-        f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
-        f"against {_fmt(ai['mean_projection'][1])} for the others; per conversation without them: therapy+philosophy "
-        f"{_fmt(without['mean'][0])} vs coding+writing {_fmt(without['mean'][1])} "
-        f"(Welch p={_fmt(without['welch_p'], '.3g')})",
-        highlight=False,
-    )
-    for level in ("per_turn", "per_conversation"):
-        t = stats[level]
-        away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])
-        console.print(
-            f"{level.replace('_', ' ')}: therapy+philosophy {away} vs coding+writing {stay} "
-            f"(Welch p={_fmt(t['welch_p'], '.3g')}, Mann-Whitney p={_fmt(t['mannwhitney_p'], '.3g')})",
-            highlight=False,
-        )
+    for line in describe_stats(stats):
+        console.print(line, highlight=False)
     console.print(f"wrote {found.files['json']} and {found.files['plot']}")
 
 
