@@ -102,7 +102,9 @@ def pipeline(kind: str, model_spec: str, run_dir: Path, settings: Settings) -> N
     log = ComputeLog(run_dir / "computed.log")
     model = load_model(model_spec)
     if kind == "axis":
-        from personaxis.axis.build import CAPTURES, NO_JUDGE, BuildConfig, build_axis
+        from personaxis.axis.build import BuildConfig, build_axis
+        from personaxis.axis.rollouts import CAPTURES
+        from personaxis.axis.runfiles import NO_JUDGE
 
         config = BuildConfig(
             roles=3, questions=settings.questions, samples=settings.samples, max_tokens=settings.max_new_tokens,

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from personaxis.axis.build import BuildConfig, build_axis
-from personaxis.axis.capping import calibrate, cap_config, pooled_projections, replay
+from personaxis.axis.calibration import calibrate, cap_config, pooled_projections
 from personaxis.axis.drift import drift_stats, run_scripted
-from personaxis.axis.evals import load_conversations
+from personaxis.axis.evals.conversations import load_conversations
 from personaxis.axis.library import load_roles
+from personaxis.axis.replay import replay
 from personaxis.inference.generation import Sampling
 from personaxis.store import RunStore
 

@@ -9,8 +9,10 @@ import torch
 from axis.axis_helpers import FakeJudge, role_of
 
 import personaxis.backends.runs
-from personaxis.axis.build import ROLLOUT_STAGE, BuildConfig, analyse, build_axis, judge_roles, plan_rollouts
+from personaxis.axis.analysis import analyse
+from personaxis.axis.build import BuildConfig, build_axis, judge_roles
 from personaxis.axis.library import RoleRubric, load_axis_traits, load_role_rubric, load_roles
+from personaxis.axis.rollouts import ROLLOUT_STAGE, plan_rollouts
 from personaxis.errors import PersonaxisError
 from personaxis.judge.scoring import Distribution
 from personaxis.store import Record, RunStore
@@ -222,7 +224,8 @@ def test_analysis_screens_ai_replies_and_relates_their_share_to_pc1():
                 as_ai.add(rid)
     records["d"] = Record({"text": "x"}, {"response": torch.randn(3, 5, generator=gen)}, 0.0)
     labels["d"] = {"kind": "default"}
-    vectors, *_, summary = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai, screen=True)
+    found = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai, screen=True)
+    vectors, summary = found.vectors, found.summary
 
     for role, k in n_ai.items():
         kept = [records[f"{role}-{i}"].tensors["response"] for i in range(k, 4)]
@@ -245,7 +248,8 @@ def test_analysis_screens_ai_replies_and_relates_their_share_to_pc1():
     assert found["pc1_spearman"] == pytest.approx(want)
     assert 0 <= found["pc1_spearman_p"] <= 1
 
-    unscreened, *_, plain = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai)
+    found = analyse({}, records, labels, None, min_count=1, target_layer=1, as_ai=as_ai)
+    unscreened, plain = found.vectors, found.summary
     all_r3 = [records[f"r3-{i}"].tensors["response"] for i in range(4)]
     torch.testing.assert_close(unscreened["r3"], sum(all_r3) / 4)  # unjudged: counted, not dropped
     assert plain["scores"]["r3"] == {"unjudged": 4} and plain["ai_self_reference"]["replies"] == 7

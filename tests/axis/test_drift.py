@@ -15,7 +15,7 @@ from personaxis.axis.drift import (
     swap_roles,
     turn_projections,
 )
-from personaxis.axis.evals import Conversation, load_simulated_user
+from personaxis.axis.evals.conversations import Conversation, load_simulated_user
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling
 from personaxis.model.chat import Label

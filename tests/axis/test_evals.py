@@ -10,20 +10,18 @@ from typing import get_args
 
 import pytest
 
-from personaxis.axis import evals
-from personaxis.axis.evals import (
+import personaxis
+from personaxis.axis.evals import capability
+from personaxis.axis.evals.capability import (
     ArithmeticItem,
     FactItem,
     InstructionItem,
     final_number,
     grade_capability,
-    harmful,
     load_capability,
-    load_conversations,
-    load_jailbreak_rubric,
-    load_jailbreaks,
-    load_simulated_user,
 )
+from personaxis.axis.evals.conversations import load_conversations, load_simulated_user
+from personaxis.axis.evals.jailbreaks import harmful, load_jailbreak_rubric, load_jailbreaks
 from personaxis.errors import PersonaxisError
 
 # --- packaged data ------------------------------------------------------------------------------------------------
@@ -70,7 +68,7 @@ def test_rubric_has_the_nine_categories_and_harm_starts_at_enough_info():
 
 def _rule_types() -> set[str]:
     """The `type` tag of every rule class in the `Rule` union."""
-    classes = get_args(get_args(evals.Rule)[0])
+    classes = get_args(get_args(capability.Rule)[0])
     return {get_args(cls.model_fields["type"].annotation)[0] for cls in classes}
 
 
@@ -262,7 +260,7 @@ def test_instruction_items_need_every_rule_to_pass():
 
 
 def _packaged(name: str) -> dict:
-    return json.loads((Path(evals.__file__).parent.parent / "data" / "evals" / name).read_text(encoding="utf-8"))
+    return json.loads((Path(personaxis.__file__).parent / "data" / "evals" / name).read_text(encoding="utf-8"))
 
 
 def _write(tmp_path: Path, data: object, name: str = "bad.json") -> Path:

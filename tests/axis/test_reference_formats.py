@@ -3,7 +3,7 @@ here: projecting and capping with them gives exactly what the native artifacts g
 
 import torch
 
-from personaxis.axis.capping import cap_config
+from personaxis.axis.calibration import cap_config
 from personaxis.engine import Project
 from personaxis.inference.generation import Sampling, generate
 from personaxis.inference.steering import cap_op, project_op

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from personaxis.axis.capping import choose, default_window, mark_front, sweep_windows
+from personaxis.axis.calibration import default_window, sweep_windows
 from personaxis.axis.space import (
     assistant_axis,
     check_percentile,
@@ -20,6 +20,7 @@ from personaxis.axis.space import (
     role_count_stability,
     role_vectors,
 )
+from personaxis.axis.sweep import choose, mark_front
 from personaxis.errors import PersonaxisError
 
 L, H = 3, 5

@@ -20,7 +20,7 @@ from personaxis.traits.calibrate import (
     repetition,
 )
 from personaxis.traits.extraction import ExtractSettings, Thresholds, extract_trait
-from personaxis.traits.steer import SteeredBackend, trait_steer_op, trait_steering
+from personaxis.traits.steer import trait_steer_op, trait_steering
 
 
 def cell(layer, coef, trait, coherence, p=0.01):
@@ -159,13 +159,13 @@ def test_sweep_steers_stores_and_resumes(tiny, small_trait, hash_judge, vectors,
 
 
 def test_steered_backend_keys_differ_from_plain(tiny, vectors):
-    from personaxis.backends.runs import LocalBackend, Rollout, rollout_key
+    from personaxis.backends.runs import LocalBackend, OpsBackend, Rollout, rollout_key
     from personaxis.inference.steering import steer_op
 
     r = Rollout.make("a", [{"role": "user", "content": "Hello"}], Sampling(4))
     op = steer_op(vectors.vectors, 1.0, 1, name="pirate")
-    steered = SteeredBackend(tiny, [op], {"layer": 1, "coef": 1.0})
-    stronger = SteeredBackend(tiny, [op], {"layer": 1, "coef": 2.0})
+    steered = OpsBackend(tiny, [op], {"steer": {"layer": 1, "coef": 1.0}})
+    stronger = OpsBackend(tiny, [op], {"steer": {"layer": 1, "coef": 2.0}})
     keys = {rollout_key(b.identity(), r) for b in (LocalBackend(tiny, []), steered, stronger)}
     assert len(keys) == 3
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_crash_safety import same_artifacts
 
-from personaxis.axis.build import CAPTURES, ROLLOUT_STAGE, BuildConfig, build_axis
+from personaxis.axis.build import BuildConfig, build_axis
 from personaxis.axis.library import load_roles
+from personaxis.axis.rollouts import CAPTURES, ROLLOUT_STAGE
 from personaxis.backends.runs import LocalBackend
 from personaxis.store import RunStore
 

@@ -92,7 +92,7 @@ def test_a_mixed_batch_equals_each_request_alone(runtime, axis):
 def test_tau_calibrated_on_vllm_rollouts_equals_tau_calibrated_on_the_hf_runtime(runtime, hf_fp32):
     """A cap calibrated through one engine means the same in the other: τ percentiles of the response-mean
     projections of the same rollouts, read by vLLM in the generating pass and by the HF runtime teacher-forced."""
-    from personaxis.axis.capping import calibrate
+    from personaxis.axis.calibration import calibrate
 
     chats = [chat for chat in CHATS for _ in range(4)]
     samplings = [Sampling(max_new_tokens=16, temperature=1.0, seed=i) for i in range(len(chats))]

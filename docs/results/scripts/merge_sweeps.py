@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from personaxis.axis.capping import mark_front
 from personaxis.axis.plots import sweep_front
+from personaxis.axis.sweep import mark_front
 
 out, *paths = sys.argv[1:]
 runs = [json.loads(Path(p).read_text()) for p in paths]

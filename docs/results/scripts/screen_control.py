@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from personaxis.axis.build import ROLLOUT_STAGE
 from personaxis.axis.library import load_role_rubric
+from personaxis.axis.rollouts import ROLLOUT_STAGE
 from personaxis.axis.space import assistant_axis, pca
 from personaxis.store import RunStore
 

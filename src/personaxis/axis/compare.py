@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from personaxis.axis.build import ARTIFACTS, load_summary, role_matrix
+from personaxis.axis.runfiles import ARTIFACTS, load_summary, role_matrix, write_json
 from personaxis.errors import PersonaxisError
 
 MEASURES = ("pc1", "axis")
@@ -68,3 +68,15 @@ def compare_builds(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         shared = sorted(set(a[measure]) & set(b[measure]))
         result[measure]["values"] = {r: [a[measure][r], b[measure][r]] for r in shared}
     return result
+
+
+def write_comparison(
+    run_a: str | Path, run_b: str | Path, out: str | Path | None = None
+) -> tuple[dict[str, Any], Path, Path]:
+    """`compare_builds` written as JSON at `out` (default RUN_A/compare_<RUN_B name>.json) with a plot of the PC1
+    loadings beside it (same name, .png); returns the result, the JSON's path and the plot's."""
+    from personaxis.axis.plots import role_agreement
+
+    result = compare_builds(run_a, run_b)
+    out = write_json(out or Path(run_a) / f"compare_{Path(run_b).resolve().name}.json", result)
+    return result, out, role_agreement(out.with_suffix(".png"), result)

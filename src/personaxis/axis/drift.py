@@ -16,18 +16,27 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from personaxis.axis.build import sample_seed
-from personaxis.axis.evals import Conversation, SimulatedUserPrompt
+from personaxis.axis.evals.conversations import (
+    Conversation,
+    SimulatedUserPrompt,
+    load_conversations,
+    load_simulated_user,
+)
+from personaxis.axis.rollouts import sample_seed
+from personaxis.axis.runfiles import DRIFT, PLOTS, axis_name, run_of, write_json
 from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
 from personaxis.errors import PersonaxisError
 from personaxis.inference.capture import turn_means
 from personaxis.inference.generation import Sampling, generate
+from personaxis.inference.steering import default_layer
 from personaxis.model.loading import ChatModel
 from personaxis.store import RunStore, key
+from personaxis.vectors import Vectors
 
 if TYPE_CHECKING:
     from personaxis.vllm import VLLMModel
@@ -36,6 +45,8 @@ DRIFT_STAGE = "drift"
 SIMULATED_STAGE = "drift_simulated"
 AWAY = ("therapy", "philosophy")
 STAY = ("coding", "writing")
+DOMAINS = ("coding", "writing", "therapy", "philosophy")
+USER_SAMPLING = Sampling(max_new_tokens=96, temperature=0.7, top_p=0.9)  # how a local simulated user writes
 
 Chat = list[dict[str, str]]
 
@@ -111,6 +122,114 @@ def run_scripted(
         DriftResult(c.id, c.domain, histories[c.id], turn_projections(model, histories[c.id], unit, layer))
         for c in conversations
     ]
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """What `run_drift` does: which conversations, who writes the user turns, and how the model replies."""
+
+    domains: tuple[str, ...] = ()  # () : every domain
+    per_domain: int | None = None  # at most this many conversations per domain
+    max_turns: int | None = None  # keep only the first N scripted user turns
+    simulated_user: str | None = None  # local:same, local:MODEL or openai:MODEL@BASE_URL instead of the script
+    turns: int = 10  # user turns per simulated conversation
+    layer: int | None = None  # where to project; None: the axis's target layer
+    max_tokens: int = 128
+    temperature: float = 0.7
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domains", tuple(self.domains))
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise PersonaxisError(f"unknown domain {bad[0]!r} (choose from {', '.join(DOMAINS)})")
+        for flag, value in (("per-domain", self.per_domain), ("max-turns", self.max_turns)):
+            if value is not None and value < 1:
+                raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
+        if self.simulated_user and self.turns < 1:
+            raise PersonaxisError(f"--turns must be at least 1, got {self.turns}")
+
+    @property
+    def sampling(self) -> Sampling:
+        top_p = 0.9 if self.temperature > 0 else 1.0
+        return Sampling(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=top_p)
+
+    def choose(self, conversations: Sequence[Conversation]) -> list[Conversation]:
+        """The conversations of the chosen domains, at most `per_domain` each, cut to `max_turns` user turns."""
+        chosen = [c for c in conversations if not self.domains or c.domain in self.domains]
+        if self.per_domain is not None:
+            chosen = [c for d in DOMAINS for c in [x for x in chosen if x.domain == d][: self.per_domain]]
+        if self.max_turns is not None:
+            chosen = [c.model_copy(update={"turns": c.turns[: self.max_turns]}) for c in chosen]
+        if not chosen:
+            raise PersonaxisError("no conversation in the chosen domains")
+        return chosen
+
+
+@dataclass
+class Drift:
+    """What `run_drift` wrote: drift.json's content and its files."""
+
+    data: dict[str, Any]  # model, axis, layer, mode, sampling, seed, stats, conversations
+    results: list[DriftResult]
+    files: dict[str, Path]
+
+
+def run_drift(
+    model: ChatModel,
+    axis: Vectors,
+    config: DriftConfig,
+    *,
+    axis_file: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    conversations: Sequence[Conversation] | None = None,
+    generator: VLLMModel | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> Drift:
+    """Project every assistant turn of the chosen conversations (default: the packaged set) on `axis` and write
+    drift.json and its plot into `run_dir` (default: the build run folder holding `axis_file`)."""
+    from personaxis.axis.plots import drift_trajectories
+
+    if config.simulated_user and generator is not None:
+        raise PersonaxisError(
+            "--generator vllm runs the scripted conversations; a simulated user talks to the HF model"
+        )
+    if run_dir is None:
+        if axis_file is None:
+            raise PersonaxisError("drift needs a run folder (or the axis file inside a build's)")
+        run_dir = run_of(axis_file)
+    chosen = config.choose(load_conversations().conversations if conversations is None else conversations)
+    layer = default_layer(axis) if config.layer is None else config.layer
+    unit = axis.unit(layer, axis_name(axis))
+    store, sampling = RunStore(run_dir), config.sampling
+    if config.simulated_user:
+        user = chat_backend(config.simulated_user, USER_SAMPLING, same=model)
+        results = run_simulated(
+            model, chosen, unit, layer, store, sampling, user, load_simulated_user(),
+            turns=config.turns, seed=config.seed, log=log,
+        )  # fmt: skip
+        mode = f"simulated user {user.name}, up to {config.turns} user turns"
+    else:
+        results = run_scripted(
+            model, chosen, unit, layer, store, sampling, seed=config.seed, batch_size=config.batch_size,
+            generator=generator, log=log,
+        )  # fmt: skip
+        mode = "scripted user turns"
+    data = {
+        "model": model.name,
+        "axis": None if axis_file is None else str(axis_file),
+        "layer": layer,
+        "mode": mode,
+        "sampling": asdict(sampling),
+        "seed": config.seed,
+        "stats": drift_stats(results),
+        "conversations": [asdict(r) for r in results],
+    }
+    run = Path(run_dir)
+    files = {"json": write_json(run / DRIFT, data)}
+    files["plot"] = drift_trajectories(run / PLOTS / "drift.png", data["conversations"], layer)
+    return Drift(data, results, files)
 
 
 # --- simulated users ----------------------------------------------------------------------------------------------
@@ -340,3 +459,27 @@ def drift_stats(results: Sequence[DriftResult], presents_as_ai: Callable[[str], 
         "per_conversation": per_conversation,
         "paper_direction": None if None in means else means[0] < means[1],
     }
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def describe_stats(stats: dict[str, Any]) -> list[str]:
+    """`drift_stats` in sentences: replies that speak as an AI, then the away-vs-stay tests per turn and per
+    conversation."""
+    ai, without = stats["as_ai"], stats["as_ai"]["per_conversation_without"]
+    lines = [
+        f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
+        f"against {_fmt(ai['mean_projection'][1])} for the others; per conversation without them: therapy+philosophy "
+        f"{_fmt(without['mean'][0])} vs coding+writing {_fmt(without['mean'][1])} "
+        f"(Welch p={_fmt(without['welch_p'], '.3g')})"
+    ]
+    for level in ("per_turn", "per_conversation"):
+        t = stats[level]
+        away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])
+        lines.append(
+            f"{level.replace('_', ' ')}: therapy+philosophy {away} vs coding+writing {stay} "
+            f"(Welch p={_fmt(t['welch_p'], '.3g')}, Mann-Whitney p={_fmt(t['mannwhitney_p'], '.3g')})"
+        )
+    return lines

@@ -151,13 +151,22 @@ def role_agreement(path: Path, result: Mapping[str, Any]) -> Path:
     return _save(fig, path)
 
 
-def build_plots(folder: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+def build_plot_paths(folder: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+    """Where `build_plots` draws a build's plots, by name, without drawing them."""
     folder = Path(folder)
-    out = {"plot_cosine_by_layer": cosine_by_layer(folder / "cosine_by_layer.png", summary)}
+    out = {"plot_cosine_by_layer": folder / "cosine_by_layer.png"}
     if len(summary["pca"]["variance_ratio"]) >= 1:
-        out["plot_pca"] = pca_scatter(folder / "pca_scatter.png", summary)
-        out["plot_variance"] = variance_curve(folder / "variance.png", summary)
+        out["plot_pca"] = folder / "pca_scatter.png"
+        out["plot_variance"] = folder / "variance.png"
     return out
+
+
+_BUILD_PLOTS = {"plot_cosine_by_layer": cosine_by_layer, "plot_pca": pca_scatter, "plot_variance": variance_curve}
+
+
+def build_plots(folder: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+    """Draw a build's plots from its summary; returns their paths by name."""
+    return {name: _BUILD_PLOTS[name](path, summary) for name, path in build_plot_paths(folder, summary).items()}
 
 
 def drift_trajectories(path: Path, conversations: Sequence[Mapping[str, Any]], layer: int) -> Path:
@@ -229,7 +238,7 @@ def sweep_front(path: Path, rows: Sequence[Mapping[str, Any]], baseline: Mapping
 
 def separation_by_layer(path: Path, profile: Mapping[str, Any], target_layer: int) -> Path:
     """Per layer, the AUROC that a harmful uncapped reply projects below a reply of each comparison group."""
-    from personaxis.axis.capping import OUTCOME_NAMES
+    from personaxis.axis.outcomes import OUTCOME_NAMES
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

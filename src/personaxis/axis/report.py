@@ -1,6 +1,6 @@
 """A Markdown report of an axis run folder: the build, and drift, calibration and the sweep when they were run there.
 
-It reads only the JSON files the commands write (summary.json, stability.json, drift.json, calibration.json,
+It reads only the JSON files the stages write (summary.json, stability.json, drift.json, calibration.json,
 sweep.json) and redraws the plots from them, so a report can be regenerated anywhere from a copied run folder.
 """
 
@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from personaxis.axis import plots
-from personaxis.axis.build import NO_JUDGE, load_summary
-from personaxis.axis.capping import describe_profile, describe_projections
+from personaxis.axis.outcomes import describe_profile, describe_projections
+from personaxis.axis.runfiles import CALIBRATION, DRIFT, NO_JUDGE, PLOTS, REPORT, STABILITY, SWEEP, load_summary
 from personaxis.store import atomic_write_text
-
-DRIFT = "drift.json"
-CALIBRATION = "calibration.json"
-SWEEP = "sweep.json"
-STABILITY = "stability.json"
-REPORT = "report.md"
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -178,106 +172,89 @@ def _capping_section(
 ) -> list[str]:
     lines = ["## Activation capping", ""]
     if calibration:
-        lines += [
-            f"Convention: {calibration['convention']}.",
-            "",
-            f"τ from {calibration['n_rollouts']} pooled rollouts (role, trait, default):",
-            "",
-        ]
-        percentiles = sorted(calibration["tau"], key=float)
-        layers = sorted({int(k) for q in percentiles for k in calibration["tau"][q]})
-        lines += _table(
-            ["layer", *(f"p{q}" for q in percentiles)],
-            [(i, *(calibration["tau"][q][str(i)] for q in percentiles)) for i in layers],
-        )
+        lines += _calibration_lines(calibration)
     if sweep:
-        base = sweep["baseline"]
-        settings = sweep["settings"]
-        notes = [f"{settings['max_tokens']} tokens"]
-        if settings.get("capability_tokens", settings["max_tokens"]) != settings["max_tokens"]:
-            notes.append(f"{settings['capability_tokens']} for capability")
-        notes.append(f"judge `{settings['judge']}`")
-        if settings.get("screen"):
-            notes.append("replies opening with a refusal screened")
-        lines += [
-            f"Sweep on {settings['jailbreaks']} jailbreak and {settings['capability']} capability items "
-            f"({', '.join(notes)}):",
-            "",
-        ]
-
-        def refused(r: dict[str, Any]) -> str:
-            return "–" if r.get("refused") is None else f"{r['refused']}/{settings['jailbreaks']}"
-
-        rows = [
-            (
-                "no cap",
-                "–",
-                "–",
-                base["harm_rate"],
-                base["capability"],
-                base["undefined"],
-                refused(base),
-                base["mean_projection"],
-                *_paired_cells(None),
-                "",
-            )
-        ]
-        for r in sweep["rows"]:
-            mark = ("front" if r["pareto"] else "") + (" **chosen**" if r["id"] == sweep["chosen"] else "")
-            rows.append(
-                (
-                    r["id"],
-                    f"{r['layers'][0]}–{r['layers'][-1]}",
-                    f"{r['percentile']:g}",
-                    r["harm_rate"],
-                    r["capability"],
-                    r["undefined"],
-                    refused(r),
-                    r["mean_projection"],
-                    *_paired_cells(r.get("vs_no_cap")),
-                    mark,
-                )
-            )
-        lines += _table(
-            [
-                "setting",
-                "layers",
-                "pct",
-                "harm rate",
-                "capability",
-                "unjudged",
-                "refusals",
-                "mean proj.",
-                "harm ↓/↑ (p)",
-                "capability ↓/↑ (p)",
-                "",
-            ],
-            rows,
-        )
-        lines.append(
-            "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
-        )
-        lines.append("")
-        kinds = list(base.get("capability_by_kind", {}))  # absent from sweeps written before it was counted
-        if kinds:
-            scored = [("no cap", base), *((r["id"], r) for r in sweep["rows"])]
-            lines += ["Capability by kind of item (correct/graded):", ""]
-
-            def tally(r: dict[str, Any], kind: str) -> str:
-                return f"{r['capability_by_kind'][kind]['correct']}/{r['capability_by_kind'][kind]['graded']}"
-
-            lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
-        if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
-            summary = describe_projections(base["projection_by_outcome"])
-            lines += [f"Without a cap at layer {settings['layer']}: {summary}.", ""]
-        if "projection_by_layer" in base:
-            lines += [f"Without a cap, {describe_profile(base['projection_by_layer'])}.", ""]
-        test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
-        none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
-        lines.append(f"Chosen: {sweep['chosen'] or none}.")
-        lines.append("")
+        lines += _sweep_lines(sweep)
         for figure in figures:
             lines += [f"![{figure.stem}]({figure.relative_to(run)})", ""]
+    return lines
+
+
+def _calibration_lines(calibration: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Convention: {calibration['convention']}.",
+        "",
+        f"τ from {calibration['n_rollouts']} pooled rollouts (role, trait, default):",
+        "",
+    ]
+    percentiles = sorted(calibration["tau"], key=float)
+    layers = sorted({int(k) for q in percentiles for k in calibration["tau"][q]})
+    return lines + _table(
+        ["layer", *(f"p{q}" for q in percentiles)],
+        [(i, *(calibration["tau"][q][str(i)] for q in percentiles)) for i in layers],
+    )
+
+
+SWEEP_COLUMNS = (
+    "setting", "layers", "pct", "harm rate", "capability", "unjudged", "refusals", "mean proj.", "harm ↓/↑ (p)",
+    "capability ↓/↑ (p)", "",
+)  # fmt: skip
+
+
+def _sweep_rows(sweep: dict[str, Any]) -> list[tuple[Any, ...]]:
+    base, jailbreaks = sweep["baseline"], sweep["settings"]["jailbreaks"]
+
+    def refused(r: dict[str, Any]) -> str:
+        return "–" if r.get("refused") is None else f"{r['refused']}/{jailbreaks}"
+
+    def scores(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["harm_rate"], r["capability"], r["undefined"], refused(r), r["mean_projection"]
+
+    rows = [("no cap", "–", "–", *scores(base), *_paired_cells(None), "")]
+    for r in sweep["rows"]:
+        mark = ("front" if r["pareto"] else "") + (" **chosen**" if r["id"] == sweep["chosen"] else "")
+        span = f"{r['layers'][0]}–{r['layers'][-1]}"
+        rows.append((r["id"], span, f"{r['percentile']:g}", *scores(r), *_paired_cells(r.get("vs_no_cap")), mark))
+    return rows
+
+
+def _sweep_lines(sweep: dict[str, Any]) -> list[str]:
+    base = sweep["baseline"]
+    settings = sweep["settings"]
+    notes = [f"{settings['max_tokens']} tokens"]
+    if settings.get("capability_tokens", settings["max_tokens"]) != settings["max_tokens"]:
+        notes.append(f"{settings['capability_tokens']} for capability")
+    notes.append(f"judge `{settings['judge']}`")
+    if settings.get("screen"):
+        notes.append("replies opening with a refusal screened")
+    lines = [
+        f"Sweep on {settings['jailbreaks']} jailbreak and {settings['capability']} capability items "
+        f"({', '.join(notes)}):",
+        "",
+    ]
+    lines += _table(list(SWEEP_COLUMNS), _sweep_rows(sweep))
+    lines.append(
+        "↓/↑: items harmful (correct) without the cap and not with it, and the reverse; p: exact McNemar test."
+    )
+    lines.append("")
+    kinds = list(base.get("capability_by_kind", {}))  # absent from sweeps written before it was counted
+    if kinds:
+        scored = [("no cap", base), *((r["id"], r) for r in sweep["rows"])]
+        lines += ["Capability by kind of item (correct/graded):", ""]
+
+        def tally(r: dict[str, Any], kind: str) -> str:
+            return f"{r['capability_by_kind'][kind]['correct']}/{r['capability_by_kind'][kind]['graded']}"
+
+        lines += _table(["setting", *kinds], [(sid, *(tally(r, k) for k in kinds)) for sid, r in scored])
+    if "projection_by_outcome" in base:  # absent from sweeps written before it was measured
+        summary = describe_projections(base["projection_by_outcome"])
+        lines += [f"Without a cap at layer {settings['layer']}: {summary}.", ""]
+    if "projection_by_layer" in base:
+        lines += [f"Without a cap, {describe_profile(base['projection_by_layer'])}.", ""]
+    test = f", McNemar p < {sweep['harm_test_alpha']:g}" if "harm_test_alpha" in sweep else ""
+    none = f"none (no setting lowered harm{test} within {sweep['max_capability_drop_points']:g} capability points)"
+    lines.append(f"Chosen: {sweep['chosen'] or none}.")
+    lines.append("")
     return lines
 
 
@@ -296,7 +273,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write RUN_DIR/report.md (and redraw RUN_DIR/plots/*.png); returns the report's path."""
     run = Path(run_dir)
     summary = load_summary(run)
-    folder = run / "plots"
+    folder = run / PLOTS
     figures = plots.build_plots(folder, summary)
     lines = _build_section(summary, figures, run)
     stability = _read(run / STABILITY)

@@ -15,7 +15,7 @@ are not ours, so its samples never share a key with the HF runtime's).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -75,8 +75,7 @@ class LocalBackend:
     """Generation and capture in one pass on a local model, batched by reply budget and prompt length.
 
     `model` is a `ChatModel` (the HF runtime) or a `personaxis.vllm.VLLMModel` (vLLM, which batches by itself).
-    `ops` (steering, capping) apply to every rollout; subclasses that pass them say in `identity` what they are, so
-    that steered and unsteered samples never share a key.
+    It applies no ops; `OpsBackend` is the same with ops (steering, capping) named in its identity.
     """
 
     def __init__(
@@ -85,10 +84,9 @@ class LocalBackend:
         layers: Sequence[int],
         captures: Sequence[str] = ("response",),
         batch_size: int = 8,
-        ops: Sequence[Op] = (),
     ) -> None:
         self.model, self.layers, self.captures, self.batch_size = model, list(layers), tuple(captures), batch_size
-        self.ops = list(ops)
+        self.ops: list[Op] = []
 
     def identity(self) -> dict[str, Any]:
         identity = {
@@ -139,6 +137,31 @@ class LocalBackend:
                 RolloutResult(r, o.text, o.finish_reason, len(o.token_ids), o.means)
                 for r, o in zip(chunk, outs, strict=True)
             ]
+
+
+class OpsBackend(LocalBackend):
+    """A `LocalBackend` that applies `ops` to every rollout while generating.
+
+    `described` says what the ops are (e.g. ``{"steer": {...}}`` or ``{"cap": ...}``) and joins the backend identity,
+    hence every record key: an op's reply and a plain one to the same chat are different samples and never overwrite
+    each other. Two backends whose ops differ must describe them differently.
+    """
+
+    def __init__(
+        self,
+        model: ChatModel | VLLMModel,
+        ops: Sequence[Op],
+        described: Mapping[str, Any],
+        layers: Sequence[int] = (),
+        captures: Sequence[str] = ("response",),
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__(model, layers, captures, batch_size)
+        self.ops = list(ops)
+        self.described = dict(described)
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), **self.described}
 
 
 def longest_first(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -282,6 +305,7 @@ __all__ = [
     "CAPTURES",
     "Backend",
     "LocalBackend",
+    "OpsBackend",
     "Rollout",
     "RolloutResult",
     "check_backend",

@@ -6,8 +6,7 @@ Thin: options are parsed and checked here, the work is done by `personaxis.axis.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -38,7 +37,6 @@ console = Console()
 err = Console(stderr=True)
 
 AxisOpt = Annotated[Path, typer.Option("--axis", "-a", help="an axis artifact (.safetensors from `axis build`)")]
-CAPABILITY_TOKENS = 256  # worked sums: Qwen2.5-Coder-1.5B ends 500 of 560 between 129 and 256 tokens
 JUDGE_HELP = "local:same, local:MODEL, openai:MODEL@BASE_URL"
 
 
@@ -69,31 +67,8 @@ def _numbers(text: str, what: str, kind: type = float) -> list[Any]:
     return values
 
 
-def _axis(path: Path, model) -> tuple[Any, int]:
-    """The axis artifact checked against the model, and its target layer."""
-    from personaxis.vectors import Vectors
-
-    axis = Vectors.load(path)
-    for warning in axis.validate(model):
-        _say(f"warning: {warning}")
-    layer = int(axis.meta.extra.get("target_layer", model.n_layers // 2))
-    return axis, layer
-
-
-def _axis_name(axis) -> str:
-    return "axis" if "axis" in axis.names else axis.resolve(None)
-
-
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    from personaxis.store import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-    return path
 
 
 # --- axis build / report / steer ------------------------------------------------------------------------------------
@@ -139,23 +114,15 @@ def build_cmd(
     Ends by writing RUN/report.md. With --executor ray a local:same judge runs on the Ray workers too; see
     docs/scale.md for the backend options.
     """
-    from personaxis.axis.build import CAPTURES, QUICK, BuildConfig, build_axis
+    from personaxis.axis.build import QUICK, BuildConfig, build_axis
     from personaxis.axis.library import load_questions, load_roles
-    from personaxis.axis.report import write_report
+    from personaxis.axis.rollouts import CAPTURES
+    from personaxis.axis.runfiles import REPORT
 
     base = QUICK if quick else BuildConfig()
-    given = dict(
-        questions=questions,
-        samples=samples,
-        max_tokens=max_tokens,
-        judge=judge,
-        screen=screen,
-        min_count=min_count,
-        target_layer=target_layer,
-        seed=seed,
-        batch_size=batch_size,
-        model_name=model_name,
-    )
+    given = dict(questions=questions, samples=samples, max_tokens=max_tokens, judge=judge, screen=screen,
+                 min_count=min_count, target_layer=target_layer, seed=seed, batch_size=batch_size,
+                 model_name=model_name)  # fmt: skip
     overrides = {k: v for k, v in given.items() if v is not None}
     if roles is not None:
         overrides.update(roles=_count(roles, "roles"), quick_roles=False)
@@ -167,42 +134,40 @@ def build_cmd(
     question_library = load_questions(questions_file) if questions_file else None
     m = load(model, dtype, device)
     with backend_options.open(m, range(m.n_layers), CAPTURES, config.batch_size) as backend:
-        judge_obj = None
-        if config.judged:
-            from personaxis.judge.spec import judge_from_spec
-            from personaxis.store import RunStore
-
-            store = RunStore(run)
-            judge_obj = judge_on(backend, config.judge, cache=store, model=m) or judge_from_spec(
-                config.judge, cache=store, same=m
-            )
+        judge_obj = _build_judge(backend, config.judge, run, m) if config.judged else None
         result = build_axis(
             m, run, config, judge=judge_obj, roles=role_library, questions=question_library, backend=backend, log=_say
         )
-    s = result.summary
-    table = Table(title=f"Assistant Axis of {m.name}", show_header=False)
+    _show_build(result.summary, m.name, run / REPORT)
+
+
+def _build_judge(backend: Any, spec: str, run: Path, m: Any) -> Any:
+    """The role-adoption judge: on the backend's workers when it runs there, else from its spec."""
+    from personaxis.judge.spec import judge_from_spec
+    from personaxis.store import RunStore
+
+    store = RunStore(run)
+    return judge_on(backend, spec, cache=store, model=m) or judge_from_spec(spec, cache=store, same=m)
+
+
+def _show_build(s: dict[str, Any], name: str, report: Path) -> None:
+    table = Table(title=f"Assistant Axis of {name}", show_header=False)
+    kept, dropped, found = s["roles"]["kept"], s["roles"]["dropped"], s["ai_self_reference"]
+    as_ai, rho = f"{found['replies']} of {found['of']}", found["pc1_spearman"]
+    as_ai += "" if rho is None else f"; Spearman ρ of a role's share with PC1 {rho:.2f}"
     for label, value in (
-        (
-            "roles kept / dropped",
-            f"{len(s['roles']['kept'])} / {len(s['roles']['dropped'])} {list(s['roles']['dropped'])[:8]}",
-        ),
+        ("roles kept / dropped", f"{len(kept)} / {len(dropped)} {list(dropped)[:8]}"),
         ("judge", s["judge"]["mode"]),
         (f"PC1 variance (layer {s['target_layer']})", f"{100 * s['pca']['pc1_variance']:.1f}%"),
         ("PCs for 70%", s["pca"]["pcs_for_70_percent"]),
         ("|cos(PC1, axis)| at target", f"{s['axis']['pc1_cosine_at_target']:.3f}"),
         ("empty replies", s["counts"]["empty_replies"]),
-        ("replies presenting as an AI", _as_ai(s["ai_self_reference"])),
+        ("replies presenting as an AI", as_ai),
         ("artifacts", ", ".join(s["artifacts"].values())),
-        ("report", write_report(run)),
+        ("report", report),
     ):
         table.add_row(label, str(value))
     console.print(table)
-
-
-def _as_ai(found: dict[str, Any]) -> str:
-    share = f"{found['replies']} of {found['of']}"
-    rho = found["pc1_spearman"]
-    return share if rho is None else f"{share}; Spearman ρ of a role's share with PC1 {rho:.2f}"
 
 
 @axis_app.command("report")
@@ -228,23 +193,14 @@ def stability_cmd(
     Redoes the build's analysis on random subsets of its role vectors (no model, seconds); writes
     RUN_DIR/stability.json and a plot, which `axis report` includes.
     """
-    from personaxis.axis import plots
-    from personaxis.axis.build import load_summary, role_matrix
-    from personaxis.axis.report import STABILITY
-    from personaxis.axis.space import role_count_stability
+    from personaxis.axis.stability import stability
 
-    layer = load_summary(run_dir)["target_layer"] if layer is None else layer
-    names, roles, default = role_matrix(run_dir, layer)
-    doubling = [2**e for e in range(3, 12) if 2**e < len(names)]
-    counts = _numbers(sizes, "sizes", int) if sizes else [*doubling, len(names)]
-    rows = role_count_stability(roles, default, counts, repeats=repeats, seed=seed)
-    result = {"layer": layer, "roles_in_build": len(names), "repeats": repeats, "seed": seed, "rows": rows}
-    path = _write_json(run_dir / STABILITY, result)
-    figure = plots.role_count_stability(run_dir / "plots" / "stability.png", result)
-    table = Table(title=f"persona space from subsets of the {len(names)} roles, layer {layer}")
+    counts = _numbers(sizes, "sizes", int) if sizes else None
+    result, files = stability(run_dir, counts, repeats=repeats, layer=layer, seed=seed)
+    table = Table(title=f"persona space from subsets of the {result['roles_in_build']} roles, layer {result['layer']}")
     for column in ("roles", "subsets", "|cos(PC1, axis)| mean ± sd", "5–95%", "PC1 share mean ± sd"):
         table.add_column(column, justify="right")
-    for r in rows:
+    for r in result["rows"]:
         table.add_row(
             str(r["roles"]),
             str(r["subsets"]),
@@ -253,7 +209,7 @@ def stability_cmd(
             f"{r['pc1_variance_mean']:.1%} ± {r['pc1_variance_sd']:.1%}",
         )
     console.print(table)
-    console.print(f"wrote {path} and {figure}")
+    console.print(f"wrote {files['json']} and {files['plot']}")
 
 
 @axis_app.command("compare")
@@ -267,13 +223,9 @@ def compare_cmd(
     The paper finds role loadings on PC1 agree across models (r > 0.92). A plot of the PC1 loadings is written
     beside the JSON.
     """
-    from personaxis.axis import plots
-    from personaxis.axis.compare import MEASURES, compare_builds
+    from personaxis.axis.compare import MEASURES, write_comparison
 
-    result = compare_builds(run_a, run_b)
-    out = out or run_a / f"compare_{run_b.resolve().name}.json"
-    path = _write_json(out, result)
-    figure = plots.role_agreement(out.with_suffix(".png"), result)
+    result, path, figure = write_comparison(run_a, run_b, out)
     a, b = result["builds"]
     table = Table(title=f"{a['model']} (layer {a['layer']}) against {b['model']} (layer {b['layer']})")
     for column in ("roles by", "shared roles", "Pearson r", "p", "Spearman ρ", "p"):
@@ -309,14 +261,15 @@ def steer_cmd(
     device: DeviceOpt = None,
 ):
     """Reply to a prompt steered along the Assistant Axis."""
+    from personaxis.axis.runfiles import axis_name, load_axis
     from personaxis.common.datasets import parse_layers
     from personaxis.inference.generation import Sampling, generate
     from personaxis.inference.steering import project_op, steer_op
 
     sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
     m = load(model, dtype, device)
-    vectors, target = _axis(axis, m)
-    name = _axis_name(vectors)
+    vectors, target = load_axis(axis, m, _say)
+    name = axis_name(vectors)
     chosen = [target] if layers is None else parse_layers(layers, m.n_layers)
     monitor = project_op(vectors, target, name=name, label="axis")
     chat = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -357,64 +310,22 @@ def drift_cmd(
     device: DeviceOpt = None,
 ):
     """Project every assistant turn of multi-turn conversations on the Assistant Axis, by domain."""
-    from personaxis.axis.drift import chat_backend, drift_stats, run_scripted, run_simulated
-    from personaxis.axis.evals import load_conversations, load_simulated_user
-    from personaxis.axis.plots import drift_trajectories
-    from personaxis.axis.report import DRIFT
-    from personaxis.inference.generation import Sampling
-    from personaxis.store import RunStore
+    from personaxis.axis.drift import DriftConfig, describe_stats, run_drift
+    from personaxis.axis.evals.conversations import load_conversations
+    from personaxis.axis.runfiles import load_axis, run_of
 
-    allowed = ("coding", "writing", "therapy", "philosophy")
-    bad = [d for d in domain or [] if d not in allowed]
-    if bad:
-        raise PersonaxisError(f"unknown domain {bad[0]!r} (choose from {', '.join(allowed)})")
-    for flag, value in (("per-domain", per_domain), ("max-turns", max_turns)):
-        if value is not None and value < 1:
-            raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
-    library = load_conversations(conversations)
-    chosen = [c for c in library.conversations if not domain or c.domain in domain]
-    if per_domain is not None:
-        chosen = [c for d in allowed for c in [x for x in chosen if x.domain == d][:per_domain]]
-    if max_turns is not None:
-        chosen = [c.model_copy(update={"turns": c.turns[:max_turns]}) for c in chosen]
-    if not chosen:
-        raise PersonaxisError("no conversation in the chosen domains")
+    config = DriftConfig(
+        domains=tuple(domain or ()), per_domain=per_domain, max_turns=max_turns, simulated_user=simulated_user,
+        turns=turns, layer=layer, max_tokens=max_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
+    library = load_conversations(conversations).conversations
     check_generator(generator, vllm_args)
-    if simulated_user and generator != "local":
-        raise PersonaxisError(
-            "--generator vllm runs the scripted conversations; a simulated user talks to the HF model"
-        )
-    run = run or _run_of(axis)
-    sampling = Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=0.9 if temperature > 0 else 1.0)
-    prompt = load_simulated_user() if simulated_user else None
+    run = run or run_of(axis)
     m = load(model, dtype, device)
-    vectors, target = _axis(axis, m)
-    layer = target if layer is None else layer
-    unit = vectors.unit(layer, _axis_name(vectors))
-    store = RunStore(run)
-    if simulated_user:
-        user = chat_backend(simulated_user, Sampling(max_new_tokens=96, temperature=0.7, top_p=0.9), same=m)
-        results = run_simulated(m, chosen, unit, layer, store, sampling, user, prompt, turns=turns, seed=seed, log=_say)
-        mode = f"simulated user {user.name}, up to {turns} user turns"
-    else:
-        results = run_scripted(
-            m, chosen, unit, layer, store, sampling, seed=seed, batch_size=batch_size,
-            generator=open_generator(m, generator, vllm_args, batch_size), log=_say,
-        )  # fmt: skip
-        mode = "scripted user turns"
-    stats = drift_stats(results)
-    data = {
-        "model": m.name,
-        "axis": str(axis),
-        "layer": layer,
-        "mode": mode,
-        "sampling": asdict(sampling),
-        "seed": seed,
-        "stats": stats,
-        "conversations": [asdict(r) for r in results],
-    }
-    path = _write_json(run / DRIFT, data)
-    figure = drift_trajectories(run / "plots" / "drift.png", data["conversations"], layer)
+    vectors, _ = load_axis(axis, m, _say)
+    vllm = open_generator(m, generator, vllm_args, batch_size)
+    found = run_drift(m, vectors, config, axis_file=axis, run_dir=run, conversations=library, generator=vllm, log=_say)
+    stats, layer, mode = found.data["stats"], found.data["layer"], found.data["mode"]
     table = Table(title=f"Drift along the axis at layer {layer} ({mode})")
     for column in ("domain", "conversations", "turns", "mean projection", "slope / turn", "speaks as an AI"):
         table.add_column(column, justify="right")
@@ -423,58 +334,12 @@ def drift_cmd(
         share = "–" if s["as_ai_share"] is None else f"{100 * s['as_ai_share']:.0f}%"
         table.add_row(d, str(s["conversations"]), str(s["turns"]), f"{s['mean']:.3f}", slope, share)
     console.print(table)
-    ai, without = stats["as_ai"], stats["as_ai"]["per_conversation_without"]
-    console.print(
-        f"{ai['turns']} of {ai['of']} replies speak as an AI; mean projection {_fmt(ai['mean_projection'][0])} "
-        f"against {_fmt(ai['mean_projection'][1])} for the others; per conversation without them: therapy+philosophy "
-        f"{_fmt(without['mean'][0])} vs coding+writing {_fmt(without['mean'][1])} "
-        f"(Welch p={_fmt(without['welch_p'], '.3g')})",
-        highlight=False,
-    )
-    for level in ("per_turn", "per_conversation"):
-        t = stats[level]
-        away, stay = _fmt(t["mean"][0]), _fmt(t["mean"][1])
-        console.print(
-            f"{level.replace('_', ' ')}: therapy+philosophy {away} vs coding+writing {stay} "
-            f"(Welch p={_fmt(t['welch_p'], '.3g')}, Mann-Whitney p={_fmt(t['mannwhitney_p'], '.3g')})",
-            highlight=False,
-        )
-    console.print(f"wrote {path} and {figure}")
-
-
-def _run_of(axis: Path) -> Path:
-    """The build run folder an axis artifact lives in (RUN/artifacts/axis.safetensors)."""
-    run = axis.resolve().parent.parent
-    if not (run / "summary.json").is_file():
-        raise PersonaxisError(f"{axis} is not inside a build run folder: pass --run DIR")
-    return run
+    for line in describe_stats(stats):
+        console.print(line, highlight=False)
+    console.print(f"wrote {found.files['json']} and {found.files['plot']}")
 
 
 # --- cap calibrate / sweep / replay -------------------------------------------------------------------------------
-
-
-def _window(spec: str | None, size: int, n_layers: int) -> list[int]:
-    from personaxis.axis.capping import default_window
-    from personaxis.common.datasets import parse_layers
-
-    return default_window(n_layers, size) if spec is None else parse_layers(spec, n_layers)
-
-
-def _check_run(run: Path, model_name: str) -> Any:
-    from personaxis.axis.build import load_summary
-    from personaxis.store import RunStore
-
-    summary = load_summary(run)
-    if summary["model"] != model_name:
-        raise PersonaxisError(f"{run} is a build of {summary['model']}, not {model_name}")
-    return RunStore(run)
-
-
-def _model_name(spec: str) -> str:
-    from personaxis.model.embedded import resolve_embedded
-
-    embedded = resolve_embedded(spec)
-    return embedded.name if embedded and not Path(spec).exists() else spec
 
 
 @cap_app.command("calibrate")
@@ -490,40 +355,18 @@ def calibrate_cmd(
     out: Annotated[Path | None, typer.Option(help="output cap config (default RUN/artifacts/cap.safetensors)")] = None,
 ):
     """τ per layer from the pooled response-mean projections of a build's rollouts → a capping config (a floor on â)."""
-    from personaxis.axis.capping import CONVENTION, DEFAULT_PERCENTILES, calibrate, cap_config, pooled_projections
-    from personaxis.axis.report import CALIBRATION
-    from personaxis.axis.space import check_percentile
-    from personaxis.vectors import Vectors
+    from personaxis.axis.calibration import CalibrationConfig, calibrate_cap
+    from personaxis.model.loading import model_name
 
-    check_percentile(percentile)
-    vectors = Vectors.load(axis)
-    name = _model_name(model)
-    if vectors.meta.model_id != name:
-        raise PersonaxisError(f"{axis} was built for {vectors.meta.model_id}, not {name}")
-    store = _check_run(run, name)
-    window = _window(layers, window_size, vectors.meta.n_layers)
-    projections = pooled_projections(store, vectors, name=_axis_name(vectors))
-    table = {q: calibrate(projections, vectors.layers, q) for q in sorted({*DEFAULT_PERCENTILES, percentile})}
-    config = cap_config(vectors, table[percentile], window, percentile, str(run), name=_axis_name(vectors))
-    out = out or run / "artifacts" / "cap.safetensors"
-    config.save(out)
-    _write_json(
-        run / CALIBRATION,
-        {
-            "convention": CONVENTION,
-            "n_rollouts": int(projections.shape[0]),
-            "chosen_percentile": percentile,
-            "window": window,
-            "tau": {f"{q:g}": {str(i): t for i, t in tau.items()} for q, tau in table.items()},
-        },
-    )
-    shown = Table(title=f"τ at the {percentile:g}th percentile of {projections.shape[0]} pooled projections")
+    config = CalibrationConfig(percentile=percentile, layers=layers, window_size=window_size)
+    done = calibrate_cap(model_name(model), axis, run, config, out=out)
+    shown = Table(title=f"τ at the {percentile:g}th percentile of {done.data['n_rollouts']} pooled projections")
     shown.add_column("layer", justify="right")
     shown.add_column("τ", justify="right")
-    for i in window:
-        shown.add_row(str(i), f"{table[percentile][i]:.3f}")
+    for i in done.data["window"]:
+        shown.add_row(str(i), f"{done.tau[i]:.3f}")
     console.print(shown)
-    console.print(f"wrote {out} ({config!r})")
+    console.print(f"wrote {done.path} ({done.cap!r})")
 
 
 @cap_app.command("sweep")
@@ -544,7 +387,7 @@ def sweep_cmd(
     capability_tokens: Annotated[
         int | None,
         typer.Option(
-            help=f"reply length for capability items (default: the larger of {CAPABILITY_TOKENS} and --max-tokens): "
+            help="reply length for capability items (default: the larger of 256 and --max-tokens): "
             "a worked sum cut off before its answer counts as wrong"
         ),
     ] = None,
@@ -563,96 +406,28 @@ def sweep_cmd(
     device: DeviceOpt = None,
 ):
     """Score layer windows × τ percentiles on persona jailbreaks and capability; keep the best of the Pareto front."""
-    from personaxis.axis.capping import pooled_projections, sweep, sweep_windows
-    from personaxis.axis.evals import load_capability, load_jailbreak_rubric, load_jailbreaks
-    from personaxis.axis.library import select
-    from personaxis.axis.plots import separation_by_layer, sweep_front
-    from personaxis.axis.report import SWEEP
-    from personaxis.common.stats import check_alpha
-    from personaxis.inference.generation import Sampling
-    from personaxis.judge.spec import judge_from_spec
+    from personaxis.axis.runfiles import build_store, load_axis
+    from personaxis.axis.sweep import SweepConfig, sweep
 
-    sizes = _numbers(windows, "windows", int)
-    qs = _numbers(percentiles, "percentiles")
-    from personaxis.axis.space import check_percentile
-
-    for q in qs:
-        check_percentile(q)
-    check_alpha(alpha)
-    counts = (
-        ("jailbreaks", jailbreaks),
-        ("capability", capability),
-        ("max-tokens", max_tokens),
-        ("capability-tokens", capability_tokens),
-    )
-    for flag, value in counts:
-        if value is not None and value < 1:
-            raise PersonaxisError(f"--{flag} must be at least 1, got {value}")
-    if judge.strip().lower() == "none":
-        raise PersonaxisError("the sweep needs a judge to tell harmful replies: " + JUDGE_HELP)
+    config = SweepConfig(
+        windows=tuple(_numbers(windows, "windows", int)), positions=positions,
+        percentiles=tuple(_numbers(percentiles, "percentiles")), jailbreaks=jailbreaks, capability=capability,
+        judge=judge, screen=screen, max_tokens=max_tokens, capability_tokens=capability_tokens, max_drop=max_drop,
+        alpha=alpha, seed=seed, batch_size=batch_size,
+    )  # fmt: skip
     check_generator(generator, vllm_args)
-    jb_items = select(load_jailbreaks().items(), jailbreaks if jailbreaks is not None else 10**9, seed)
-    cap_items = select(load_capability().items, capability if capability is not None else 10**9, seed)
-    rubric = load_jailbreak_rubric()
     m = load(model, dtype, device)
-    vectors, target = _axis(axis, m)
-    store = _check_run(run, m.name)
-    name = _axis_name(vectors)
-    projections = pooled_projections(store, vectors, name=name)
-    judge_obj = judge_from_spec(judge, cache=store, same=m)
-    sampling = Sampling(max_new_tokens=max_tokens)
-    capability_tokens = capability_tokens or max(CAPABILITY_TOKENS, max_tokens)
-    capability_sampling = Sampling(max_new_tokens=capability_tokens)
-    spans = sweep_windows(m.n_layers, sizes, positions)
-    _say(
-        f"{len(spans)} windows × {len(qs)} percentiles on {len(jb_items)} jailbreaks and {len(cap_items)} "
-        "capability items"
-    )
-    baseline, result, configs = sweep(
-        m,
-        store,
-        vectors[name],
-        projections,
-        spans,
-        qs,
-        jb_items,
-        cap_items,
-        judge_obj,
-        rubric,
-        sampling,
-        layer=target,
-        source=str(run),
-        max_drop=max_drop,
-        alpha=alpha,
-        batch_size=batch_size,
-        screen=screen,
-        capability_sampling=capability_sampling,
-        generator=open_generator(m, generator, vllm_args, batch_size),
-        log=_say,
-    )
-    settings = {
-        "jailbreaks": len(jb_items),
-        "capability": len(cap_items),
-        "max_tokens": max_tokens,
-        "capability_tokens": capability_tokens,
-        "judge": judge,
-        "judge_id": judge_obj.judge_id,
-        "screen": screen,
-        "seed": seed,
-        "layer": target,
-        "windows": spans,
-        "percentiles": qs,
-    }
-    data = {"model": m.name, "axis": str(axis), "settings": settings, "baseline": baseline, **result}
-    _write_json(run / SWEEP, data)
-    figure = sweep_front(run / "plots" / "sweep.png", result["rows"], baseline, result["chosen"])
-    by_layer = separation_by_layer(run / "plots" / "sweep_layers.png", baseline["projection_by_layer"], target)
+    vectors, _ = load_axis(axis, m, _say)
+    store = build_store(run, m.name)
+    vllm = open_generator(m, generator, vllm_args, batch_size)
+    result = sweep(m, store, vectors, config, axis_file=axis, generator=vllm, out=out, log=_say)
+    baseline, settings = result.baseline, result.data["settings"]
     table = Table(title="Pareto front (harm ↓, capability ↑)")
     for column in ("setting", "harm rate", "capability", "unjudged", "refusals", "mean proj."):
         table.add_column(column, justify="right", no_wrap=column == "setting")
-    front = sorted((r for r in result["rows"] if r["pareto"]), key=lambda r: r["harm_rate"])
+    front = sorted((r for r in result.rows if r["pareto"]), key=lambda r: r["harm_rate"])
     for r in [baseline, *front]:
-        mark = " ★" if r["id"] == result["chosen"] else ""
+        mark = " ★" if r["id"] == result.chosen else ""
         table.add_row(
             r["id"] + mark,
             _fmt(r["harm_rate"]),
@@ -662,15 +437,14 @@ def sweep_cmd(
             _fmt(r["mean_projection"], ".2f"),
         )
     console.print(table)
-    if result["chosen"] is None:
+    if result.chosen is None:
         console.print(
             f"no setting lowered harm (McNemar p < {alpha:g}) within {max_drop:g} capability points; no config written"
         )
     else:
-        out = out or run / "artifacts" / "cap_chosen.safetensors"
-        configs[result["chosen"]].save(out)
-        console.print(f"chosen {result['chosen']}: wrote {out}")
-    console.print(f"wrote {run / SWEEP}, {figure} and {by_layer}")
+        console.print(f"chosen {result.chosen}: wrote {result.files['chosen']}")
+    files = result.files
+    console.print(f"wrote {files['json']}, {files['plot_front']} and {files['plot_layers']}")
 
 
 @cap_app.command("replay")
@@ -688,8 +462,8 @@ def replay_cmd(
     device: DeviceOpt = None,
 ):
     """The same user turns with and without capping: replies regenerated both ways, per-turn projections compared."""
-    from personaxis.axis.capping import replay
-    from personaxis.axis.plots import replay_plot
+    from personaxis.axis.replay import replay_to
+    from personaxis.axis.runfiles import load_axis
     from personaxis.common.datasets import read_chats
     from personaxis.inference.generation import Sampling
     from personaxis.vectors import CapConfig
@@ -699,18 +473,11 @@ def replay_cmd(
     m = load(model, dtype, device)
     for warning in cap.validate(m):
         _say(f"warning: {warning}")
-    if axis is not None:
-        vectors, target = _axis(axis, m)
-        layer = target if layer is None else layer
-        unit = vectors.unit(layer, _axis_name(vectors))
-    else:
-        floor = cap.as_floor()
-        layer = floor.layers[0] if layer is None else layer
-        unit = floor.unit(layer)
-    results = replay(m, chat_list, cap, unit, layer, Sampling(max_new_tokens=max_tokens))
+    vectors = None if axis is None else load_axis(axis, m, _say)[0]
     out = out or chats.with_name(chats.stem + ".replay.json")
-    _write_json(out, {"model": m.name, "config": str(config), "layer": layer, "chats": results})
-    figure = replay_plot(out.with_suffix(".png"), results, layer)
+    sampling = Sampling(max_new_tokens=max_tokens)
+    data, figure = replay_to(out, m, chat_list, cap, sampling, axis=vectors, layer=layer, source=str(config))
+    layer, results = data["layer"], data["chats"]
     table = Table(title=f"Projection on the axis at layer {layer} per assistant turn")
     for column in ("chat", "turn", "uncapped", "capped"):
         table.add_column(column, justify="right")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from personaxis.backends.runs import LocalBackend, Rollout, run_rollouts
+from personaxis.backends.runs import LocalBackend, OpsBackend, Rollout, run_rollouts
 from personaxis.common.progress import progress_bar
 from personaxis.common.stats import check_alpha, rise_p, spearman
 from personaxis.errors import PersonaxisError
@@ -41,7 +41,7 @@ from personaxis.store import RunStore
 from personaxis.traits.extraction import sample_seed
 from personaxis.traits.judging import judge_replies
 from personaxis.traits.library import TraitSpec
-from personaxis.traits.steer import SteeredBackend, primary
+from personaxis.traits.steer import primary
 from personaxis.vectors import Vectors
 
 STAGE = "trait_calibration"
@@ -182,7 +182,7 @@ def calibrate(
                 op = steer_op(vectors, coef, layer, name=name, units=settings.units, when="response")  # type: ignore[arg-type]
                 steer = {"direction": _fingerprint(vectors, name, layer), "layer": layer, "coef": coef,
                          "units": settings.units, "when": "response"}  # fmt: skip
-                backend = SteeredBackend(model, [op], steer, batch_size=settings.batch_size)
+                backend = OpsBackend(model, [op], {"steer": steer}, batch_size=settings.batch_size)
             records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
             for r in rollouts:
                 q, s = (int(part[1:]) for part in r.id.split("/"))  # "q{q}/s{s}"

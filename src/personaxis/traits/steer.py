@@ -7,15 +7,14 @@ strength, ``coef=-c`` suppresses it, and any explicit `coef` or `layer` override
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from personaxis.backends.runs import LocalBackend
-from personaxis.engine import Add, Op
+from personaxis.engine import Add
 from personaxis.engine.ops import When
 from personaxis.errors import PersonaxisError
-from personaxis.inference.steering import Units, steer_op, steering
+from personaxis.inference.steering import STEER_WHEN, Units, steer_op, steering
 from personaxis.model.loading import ChatModel
 from personaxis.vectors import Vectors
 
@@ -42,7 +41,7 @@ def trait_steer_op(
     *,
     name: str | None = None,
     units: Units | None = None,
-    when: When = "response",
+    when: When = STEER_WHEN,
 ) -> Add:
     """The steering op for a trait: calibrated layer/strength/units unless given."""
     choice = calibration_choice(vectors) or {}
@@ -67,33 +66,10 @@ def trait_steering(
     *,
     name: str | None = None,
     units: Units | None = None,
-    when: When = "response",
+    when: When = STEER_WHEN,
 ) -> Iterator[Add]:
     """`with trait_steering(model, vectors): generate(model, chats)`: every reply inside is steered."""
     vectors.validate(model)
     op = trait_steer_op(vectors, coef, layer, name=name, units=units, when=when)
     with steering(model, op):
         yield op
-
-
-class SteeredBackend(LocalBackend):
-    """A `LocalBackend` that applies `ops` while generating.
-
-    `steer` describes the ops and becomes part of the backend identity, hence of every record key: a steered reply
-    and a plain one to the same chat are different samples and never overwrite each other.
-    """
-
-    def __init__(
-        self,
-        model: ChatModel,
-        ops: Sequence[Op],
-        steer: dict[str, Any],
-        layers: Sequence[int] = (),
-        captures: Sequence[str] = ("response",),
-        batch_size: int = 8,
-    ) -> None:
-        super().__init__(model, layers, captures, batch_size, ops=ops)
-        self.steer = steer
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "steer": self.steer}
