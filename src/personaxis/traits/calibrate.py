@@ -34,7 +34,7 @@ from personaxis.common.progress import progress_bar
 from personaxis.common.stats import check_alpha, rise_p, spearman
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import Sampling
-from personaxis.inference.steering import steer_op
+from personaxis.inference.steering import STEER_WHEN, steer_op
 from personaxis.judge import Judge
 from personaxis.model.loading import ChatModel
 from personaxis.store import RunStore
@@ -164,50 +164,14 @@ def calibrate(
     coefs = sorted(set(settings.coefs) | {0.0})
     questions = trait.questions.evaluation[: settings.questions or None]
     groups = [(None, 0.0)] + [(layer, c) for layer in layers for c in coefs if c != 0]
-
-    rows: list[dict[str, Any]] = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("steering sweep", total=len(groups))
-        for layer, coef in groups:
-            rollouts = [
-                Rollout.make(
-                    f"q{q}/s{s}", [{"role": "user", "content": question}],
-                    Sampling(settings.max_new_tokens, settings.temperature, seed=sample_seed(settings.seed, q, s)),
-                )
-                for q, question in enumerate(questions) for s in range(settings.samples)
-            ]  # fmt: skip
-            if layer is None:
-                backend = LocalBackend(model, [], batch_size=settings.batch_size)
-            else:
-                op = steer_op(vectors, coef, layer, name=name, units=settings.units, when="response")  # type: ignore[arg-type]
-                steer = {"direction": _fingerprint(vectors, name, layer), "layer": layer, "coef": coef,
-                         "units": settings.units, "when": "response"}  # fmt: skip
-                backend = OpsBackend(model, [op], {"steer": steer}, batch_size=settings.batch_size)
-            records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
-            for r in rollouts:
-                q, s = (int(part[1:]) for part in r.id.split("/"))  # "q{q}/s{s}"
-                text = records[r.id].data["text"]
-                rows.append({"layer": layer, "coef": coef, "question": q, "sample": s, "question_text": questions[q],
-                             "text": text, "repetition": repetition(text)})  # fmt: skip
-            bar.advance(task)
-
+    rows = _steered_replies(model, vectors, name, store, questions, groups, settings, progress)
     judged, counts = judge_replies(
         judge, trait.rubric, [(r["question_text"], r["text"]) for r in rows], progress=progress,
         description="judging steered replies",
     )  # fmt: skip
     for row, j in zip(rows, judged, strict=True):
         row.update(j.as_dict())
-    unsteered = {(r["question"], r["sample"]): r["trait"] for r in rows if r["layer"] is None}
-    cells = []
-    for layer, coef in groups:
-        mine = [r for r in rows if r["layer"] == layer and r["coef"] == coef]
-        traits = [r["trait"] for r in mine if r["trait"] is not None]
-        coherences = [r["coherence"] for r in mine if r["coherence"] is not None]
-        pairs = [(r["trait"], unsteered[r["question"], r["sample"]]) for r in mine]
-        pairs = [(t, u) for t, u in pairs if t is not None and u is not None]
-        p = None if layer is None else rise_p([t for t, _ in pairs], [u for _, u in pairs])
-        cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences),
-                          _mean([r["repetition"] for r in mine]), p))  # fmt: skip
+    cells = _cells(rows, groups)
     best = choose(cells, settings.coherence_min, settings.repetition_max, settings.alpha)
     baseline = cells[0]
     choice = None
@@ -230,6 +194,62 @@ def calibrate(
         "choice": choice,
         "samples": rows,
     }
+
+
+def _steered_replies(
+    model: ChatModel,
+    vectors: Vectors,
+    name: str,
+    store: RunStore,
+    questions: Sequence[str],
+    groups: Sequence[tuple[int | None, float]],
+    settings: CalibrateSettings,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """Every question's replies, unsteered (layer None) and under each (layer, coef) of the grid, through the store."""
+    rows: list[dict[str, Any]] = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("steering sweep", total=len(groups))
+        for layer, coef in groups:
+            rollouts = [
+                Rollout.make(
+                    f"q{q}/s{s}", [{"role": "user", "content": question}],
+                    Sampling(settings.max_new_tokens, settings.temperature, seed=sample_seed(settings.seed, q, s)),
+                )
+                for q, question in enumerate(questions) for s in range(settings.samples)
+            ]  # fmt: skip
+            if layer is None:
+                backend = LocalBackend(model, [], batch_size=settings.batch_size)
+            else:
+                op = steer_op(vectors, coef, layer, name=name, units=settings.units, when=STEER_WHEN)  # type: ignore[arg-type]
+                steer = {"direction": _fingerprint(vectors, name, layer), "layer": layer, "coef": coef,
+                         "units": settings.units, "when": STEER_WHEN}  # fmt: skip
+                backend = OpsBackend(model, [op], {"steer": steer}, batch_size=settings.batch_size)
+            records = run_rollouts(store, rollouts, backend, stage=STAGE, progress=False)
+            for r in rollouts:
+                q, s = (int(part[1:]) for part in r.id.split("/"))  # "q{q}/s{s}"
+                text = records[r.id].data["text"]
+                rows.append({"layer": layer, "coef": coef, "question": q, "sample": s, "question_text": questions[q],
+                             "text": text, "repetition": repetition(text)})  # fmt: skip
+            bar.advance(task)
+    return rows
+
+
+def _cells(rows: list[dict[str, Any]], groups: Sequence[tuple[int | None, float]]) -> list[Cell]:
+    """One cell per (layer, coef): mean trait and coherence scores, and the p-value that steering raised the trait
+    pair by pair against the unsteered replies to the same questions and seeds."""
+    unsteered = {(r["question"], r["sample"]): r["trait"] for r in rows if r["layer"] is None}
+    cells = []
+    for layer, coef in groups:
+        mine = [r for r in rows if r["layer"] == layer and r["coef"] == coef]
+        traits = [r["trait"] for r in mine if r["trait"] is not None]
+        coherences = [r["coherence"] for r in mine if r["coherence"] is not None]
+        pairs = [(r["trait"], unsteered[r["question"], r["sample"]]) for r in mine]
+        pairs = [(t, u) for t, u in pairs if t is not None and u is not None]
+        p = None if layer is None else rise_p([t for t, _ in pairs], [u for _, u in pairs])
+        cells.append(Cell(layer, coef, _mean(traits), _mean(coherences), len(mine), len(traits), len(coherences),
+                          _mean([r["repetition"] for r in mine]), p))  # fmt: skip
+    return cells
 
 
 def summary(calibration: dict[str, Any]) -> dict[str, Any]:
