@@ -59,7 +59,7 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
 def test_not_a_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    with pytest.raises(PersonaxisError, match="not a readable torch file"):
+    with pytest.raises(PersonaxisError, match="is not a torch file .*: it looks like text"):
         load_pt(path)
     with pytest.raises(PersonaxisError, match="no such file"):
         load_pt(tmp_path / "missing.pt")

@@ -76,6 +76,7 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PersonaxisError(f"no such file: {path}")
+    _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_numpy_data_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -88,6 +89,26 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
             f"refusing to load {path}: it is a pickle that executes code or builds objects beyond tensors and plain "
             f"data{needs}; re-save its tensors with torch.save or safetensors where you trust it"
         ) from None
+
+
+def _check_torch_file(path: Path) -> None:
+    """A torch file is a zip archive (`torch.save` since torch 1.6) or a pickle (the legacy format, protocol 2 or
+    later); anything else is refused for what it is, before the unpickler sees it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise PersonaxisError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        raise PersonaxisError(f"{path} is empty, not a torch file")
+    try:
+        head.decode("utf-8")
+        looks = "it looks like text"
+    except UnicodeDecodeError as e:
+        looks = "it looks like text" if e.start > len(head) - 4 else f"it starts with bytes {head[:8].hex(' ')}"
+    raise PersonaxisError(f"{path} is not a torch file (neither a zip archive from torch.save nor a pickle): {looks}")
 
 
 def _sha256(path: Path) -> str:
