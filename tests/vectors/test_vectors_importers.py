@@ -253,5 +253,5 @@ def test_capping_config_refusals(tmp_path, capping):
         import_capping_config(tmp_path / "tensor.pt")
     config["vectors"]["neg_axis_layer_2"]["vector"] = rand(2, H)
     torch.save(config, tmp_path / "matrix.pt")
-    with pytest.raises(PersonaxisError, match="is not a 1-D tensor"):
+    with pytest.raises(PersonaxisError, match="is not a non-empty 1-D tensor"):
         import_capping_config(tmp_path / "matrix.pt")

@@ -129,12 +129,14 @@ def _matrix(path: Path, value: Any, what: str = "tensor") -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.ndim != 2:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise PersonaxisError(f"{path}: expected a (rows, hidden) {what}, got {shape}")
+    if 0 in value.shape:
+        raise PersonaxisError(f"{path}: the {what} is empty (shape {tuple(value.shape)})")
     return value.detach().to(torch.float32)
 
 
 def _vector(path: Path, name: object, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.ndim != 1:
-        raise PersonaxisError(f"{path}: vector {name!r} is not a 1-D tensor")
+    if not isinstance(value, torch.Tensor) or value.ndim != 1 or value.numel() == 0:
+        raise PersonaxisError(f"{path}: vector {name!r} is not a non-empty 1-D tensor")
     return value.detach().to(torch.float32)
 
 
