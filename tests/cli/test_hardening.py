@@ -336,3 +336,10 @@ def test_warnings_are_one_clean_line(monkeypatch, capsys, tmp_path):
     show("a user warning over two lines", UserWarning, "/site-packages/torch/y.py", 3)
     show("ours, deprecated", FutureWarning, "/src/personaxis/cli/main.py", 4)
     assert capsys.readouterr().err == "warning: a user warning over two lines\nwarning: ours, deprecated\n"
+
+
+def test_known_noisy_warnings_are_silenced(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "p4.pt"
+    torch.save({"axis": torch.ones(4, 8)}, path, pickle_protocol=4)
+    err = _refused(monkeypatch, capsys, "import", path, "--out", tmp_path / "a.safetensors", message="pickled with")
+    assert "warning:" not in err and "Detected pickle protocol" not in err

@@ -103,3 +103,13 @@ def test_a_legacy_pickle_still_loads(tmp_path):
     torch.save({"axis": torch.ones(2, 3)}, path, _use_new_zipfile_serialization=False)
     assert path.read_bytes()[:1] == b"\x80"
     assert torch.equal(load_pt(path)["axis"], torch.ones(2, 3))
+
+
+def test_a_newer_pickle_protocol_is_not_called_code(tmp_path):
+    """Plain tensors pickled with protocol 4 are data the safe loader cannot read, not code it refuses to run."""
+    path = tmp_path / "p4.pt"
+    torch.save({"axis": torch.ones(2, 3)}, path, pickle_protocol=4)
+    with pytest.raises(PersonaxisError) as info, pytest.warns(UserWarning, match="pickle protocol 4"):
+        load_pt(path)
+    assert "pickled with a protocol the weights-only loader does not read" in _one_line(info)
+    assert "executes code" not in str(info.value)

@@ -430,6 +430,8 @@ def main() -> None:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer()
+            for noisy in _NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=noisy)
             app(prog_name="personaxis", standalone_mode=False)
     except PersonaxisError as exc:
         _fail(str(exc))
@@ -447,6 +449,9 @@ def main() -> None:
 
 
 _DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_NOISY_WARNINGS = (  # said better by our own message, or nothing a user can act on
+    r"Detected pickle protocol",  # torch.load, before the refusal that names the file
+)
 
 
 def _warning_printer():  # noqa: ANN202 - the signature of `warnings.showwarning`

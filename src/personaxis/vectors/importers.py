@@ -83,6 +83,12 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     except Exception as e:  # a torch.load of a foreign file can fail in many ways; all are the user's file
         if "weights only load failed" not in str(e).lower():
             raise PersonaxisError(f"{path} is not a readable torch file: {one_line(e)}") from None
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        if opcode:  # plain data, in a pickle protocol (4 or 5) that the safe unpickler does not read
+            raise PersonaxisError(
+                f"cannot safely load {path}: it was pickled with a protocol the weights-only loader does not read "
+                f"(pickle opcode {opcode[1]}); re-save it with torch.save's default protocol, or as safetensors"
+            ) from None
         culprit = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
         needs = f" (it needs {culprit[1] or culprit[2]})" if culprit else ""
         raise PersonaxisError(
