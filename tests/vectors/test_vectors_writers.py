@@ -57,6 +57,12 @@ def test_gguf_export_that_overflows_float32_writes_nothing(tmp_path, make_vector
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gguf_export_that_underflows_float32_writes_nothing(tmp_path, make_vectors):
+    with pytest.raises(PersonaxisError, match="times 1e-60 is zero in float32: use a larger scale"):
+        export_gguf(make_vectors(), tmp_path / "v.gguf", scale=1e-60, layers=[1])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unwritable_place_is_one_line(make_vectors):
     with pytest.raises(PersonaxisError, match="cannot write /proc/v.safetensors: "):
         make_vectors().save("/proc/v.safetensors")
@@ -106,10 +112,24 @@ def test_a_legacy_pickle_still_loads(tmp_path):
 
 
 def test_a_newer_pickle_protocol_is_not_called_code(tmp_path):
-    """Plain tensors pickled with protocol 4 are data the safe loader cannot read, not code it refuses to run."""
+    """Tensors pickled with protocol 4 are refused for what is true: the safe loader cannot read them."""
     path = tmp_path / "p4.pt"
     torch.save({"axis": torch.ones(2, 3)}, path, pickle_protocol=4)
     with pytest.raises(PersonaxisError) as info, pytest.warns(UserWarning, match="pickle protocol 4"):
         load_pt(path)
     assert "pickled with a protocol the weights-only loader does not read" in _one_line(info)
+    assert str(info.value).startswith(f"refusing to load {path}")
     assert "executes code" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, 2), "abc", 3.5, -1, math.inf, 10**400])
+def test_a_reference_count_that_is_not_one_is_one_line(tmp_path, bad):
+    from personaxis.vectors import import_reference
+
+    path = tmp_path / "axis.pt"
+    torch.save({"axis": torch.randn(4, 8), "n_roles": bad}, path)
+    with pytest.raises(PersonaxisError) as info:
+        import_reference(path)
+    assert _one_line(info).startswith(f"{path}: 'n_roles' is not a count")
+    torch.save({"axis": torch.randn(4, 8), "n_roles": torch.tensor(7)}, path)
+    assert import_reference(path).meta.counts == {"n_roles": 7}

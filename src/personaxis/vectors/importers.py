@@ -84,10 +84,11 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
         if "weights only load failed" not in str(e).lower():
             raise PersonaxisError(f"{path} is not a readable torch file: {one_line(e)}") from None
         opcode = re.search(r"Unsupported operand (\d+)", str(e))
-        if opcode:  # plain data, in a pickle protocol (4 or 5) that the safe unpickler does not read
+        if opcode:  # a pickle protocol (4 or 5) the safe unpickler cannot read: what it builds is unknown
             raise PersonaxisError(
-                f"cannot safely load {path}: it was pickled with a protocol the weights-only loader does not read "
-                f"(pickle opcode {opcode[1]}); re-save it with torch.save's default protocol, or as safetensors"
+                f"refusing to load {path}: it was pickled with a protocol the weights-only loader does not read "
+                f"(pickle opcode {opcode[1]}), so what it builds cannot be checked; re-save its tensors with "
+                "torch.save's default protocol or as safetensors where you trust it"
             ) from None
         culprit = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
         needs = f" (it needs {culprit[1] or culprit[2]})" if culprit else ""
@@ -181,7 +182,7 @@ def _axis(path: Path, obj: Any, model_id: str | None, n_layers: int | None, name
             f"{path} has {rows.shape[0]} rows but the model has {n_layers} layers: "
             "an assistant-axis file has one row per block"
         )
-    counts = {k: int(obj[k]) for k in ("n_default", "n_roles") if isinstance(obj, dict) and k in obj}
+    counts = {k: _count(path, k, obj[k]) for k in ("n_default", "n_roles") if isinstance(obj, dict) and k in obj}
     digest, extra = _provenance("assistant_axis", path)
     meta = VectorMeta(
         model_id=model_id or "unknown",
@@ -195,6 +196,16 @@ def _axis(path: Path, obj: Any, model_id: str | None, n_layers: int | None, name
         extra={**extra, "source_dtype": str(raw.dtype)},
     )
     return Vectors(range(rows.shape[0]), {name or "axis": rows}, meta)
+
+
+def _count(path: Path, key: str, value: Any) -> int:
+    try:
+        count = int(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise PersonaxisError(f"{path}: {key!r} is not a count ({type(value).__name__})") from None
+    if not 0 <= count < 2**63 or count != value:
+        raise PersonaxisError(f"{path}: {key!r} is not a count (got {value!r:.40})")
+    return count
 
 
 def _role_files(path: Path) -> list[Path]:
