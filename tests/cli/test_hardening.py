@@ -304,7 +304,7 @@ def test_unreadable_users_files_are_one_line(monkeypatch, capsys, tmp_path, fold
     with socket.socket() as s:  # serve reads --space before it loads the model
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    _refused(monkeypatch, capsys, "serve", "--space", bad, "--port", port, message=f"{bad} {message}")
+    _refused(monkeypatch, capsys, "serve", "--space", bad, "--port", port, message=f"{bad}: {message}")
     assert not out.exists()
 
 

@@ -68,8 +68,8 @@ def test_what_is_not_a_chats_file(tmp_path):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('{"a": [1, ' + "9" * 5000 + "]}", "doc.json line 1, column 11: an integer of 5000 digits"),
-        ("\n\n  " + "[" * 50_000, "doc.json line 3, column 50002: JSON nested too deeply to read"),
+        ('{"a": [1, ' + "9" * 5000 + "]}", "doc.json: line 1, column 11: an integer of 5000 digits"),
+        ("\n\n  " + "[" * 50_000, "doc.json: line 3, column 50002: JSON nested too deeply to read"),
         ('{"x": 1,}', "doc.json: invalid JSON at line 1, column 9: Expecting property name"),
         ("", "doc.json: invalid JSON at line 1, column 1: Expecting value"),
     ],
@@ -89,8 +89,8 @@ def test_what_looks_like_a_problem_but_is_not():
 def test_read_json_and_read_text(tmp_path):
     assert read_json(_write(tmp_path / "a.json", '\ufeff{"a": 1}')) == {"a": 1}
     bad = _write(tmp_path / "b.json", b'{"a": 1}\n\n  \xc3(')
-    assert _error(read_text, bad) == f"{bad} line 3, column 3 (byte 0xc3): not UTF-8 text"
-    assert _error(read_json, bad, "the space") == "the space line 3, column 3 (byte 0xc3): not UTF-8 text"
+    assert _error(read_text, bad) == f"{bad}: line 3, column 3 (byte 0xc3): not UTF-8 text"
+    assert _error(read_json, bad, "the space") == "the space: line 3, column 3 (byte 0xc3): not UTF-8 text"
     assert _error(read_text, tmp_path) == f"{tmp_path}: is a folder, not a file"
     assert _error(read_text, tmp_path / "none.json").endswith("none.json: not found")
 

@@ -79,7 +79,7 @@ def test_metadata_nested_too_deeply_is_one_line(tmp_path, make_vectors):
     save_file(tensors, str(path), metadata={KIND_KEY: "vectors", META_KEY: "[" * 100_000})
     with pytest.raises(PersonaxisError) as info:
         Vectors.load(path)
-    assert _one_line(info).startswith(f"{path}: metadata line 1, column 100000: JSON nested too deeply")
+    assert _one_line(info).startswith(f"{path}: metadata: line 1, column 100000: JSON nested too deeply")
 
 
 @pytest.mark.parametrize(

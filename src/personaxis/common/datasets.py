@@ -21,16 +21,16 @@ from personaxis.errors import PersonaxisError
 _NUMBER = re.compile(r"-?(\d+)(\.\d+)?([eE][-+]?\d+)?")
 
 
-def _decode(data: bytes, label: str) -> str:
-    """UTF-8 (a leading byte-order mark is dropped), or one line saying where the first bad byte is."""
+def _decode(data: bytes, label: str, *, by_line: bool = False) -> str:
+    """UTF-8 (a leading byte-order mark is dropped), or one line saying where the first bad byte is: `label: line
+    L, column C ...` for a document, `label line L, column C ...` for JSONL (`by_line`), as its other errors read."""
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise PersonaxisError(
-            f"{label} line {line}, column {column} (byte 0x{data[err.start]:02x}): not UTF-8 text"
-        ) from None
+        where = f"{label}{'' if by_line else ':'} line {line}, column {column}"
+        raise PersonaxisError(f"{where} (byte 0x{data[err.start]:02x}): not UTF-8 text") from None
 
 
 def _read_bytes(path: str | os.PathLike, label: str) -> bytes:
@@ -95,12 +95,14 @@ def loads(text: str, label: str, *, line: int | None = None) -> Any:
     """Parse JSON from a user's file; every failure is one line naming `label` and where in it. `line` is the line
     number of `text` in its file when `text` is one line of JSONL."""
 
-    def place(index: int | None) -> str:
+    def place(index: int | None) -> str:  # `label line N, column C` in JSONL, `label: line L, column C` otherwise
         if index is None:
             return label if line is None else f"{label} line {line}"
         lineno = text.count("\n", 0, index) + 1
         column = index - (text.rfind("\n", 0, index) + 1) + 1
-        return f"{label} line {line if line is not None else lineno}, column {column}"
+        return (
+            f"{label} line {line}, column {column}" if line is not None else f"{label}: line {lineno}, column {column}"
+        )
 
     try:
         return json.loads(text)
@@ -140,7 +142,8 @@ def _lines(text: str) -> list[tuple[int, str]]:
 def read_jsonl(path: str | os.PathLike, label: str | None = None) -> list[tuple[int, Any]]:
     """Every non-blank line of a JSONL file, parsed, with its line number; a bad line stops everything."""
     label = label or str(path)
-    return [(number, loads(line, label, line=number)) for number, line in _lines(read_text(path, label))]
+    text = _decode(_read_bytes(path, label), label, by_line=True)
+    return [(number, loads(line, label, line=number)) for number, line in _lines(text)]
 
 
 def read_chats(path: str | os.PathLike, *, need_assistant: bool = False) -> list[list[dict[str, str]]]:
