@@ -189,7 +189,10 @@ def test_bad_inputs_fail_with_one_line(monkeypatch, capsys, folder, tmp_path):
         (["extract", "-m", folder, "--chats", no_reply, "--out", tmp_path / "x.safetensors"], "no assistant turn"),
         (["extract", "-m", folder, "--chats", chats, "--layers", "7", "--out", tmp_path / "x.safetensors"], "range"),
         (["generate", "-m", folder, "-p", "hi", "--steer", f"{nan_file}:1:1"], "NaN"),
-        (["generate", "-m", folder, "-p", "hi", "--steer", "nocolons"], "FILE:LAYER:COEF"),
+        (
+            ["generate", "-m", folder, "-p", "hi", "--steer", "nocolons"],
+            "no such file 'nocolons'; use FILE:LAYERS:COEF",
+        ),
         (["import", pickle_file, "--out", tmp_path / "x.safetensors"], "refusing"),
         (["import", not_cv, "--out", tmp_path / "x.safetensors"], "control vector"),
         (["import", not_cv, "--out", tmp_path / "x.safetensors", "--experiment", "a"], "not a .gguf"),

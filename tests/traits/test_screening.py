@@ -203,7 +203,7 @@ def test_screen_command_bad_inputs(monkeypatch, capsys, folder, tmp_path):
     base = ["--trait-vectors", vec, "-m", folder, "--run", tmp_path / "run"]
     cases = [
         (["screen", no_reply, *base], "noreply.jsonl line 2"),
-        (["screen", data, *base, "--out", blocker / "r.jsonl"], "does not exist"),
+        (["screen", data, *base, "--out", blocker / "r.jsonl"], "is a file, not a folder"),
         (["screen", data, *base, "--out", tmp_path / "r.csv"], ".jsonl or .parquet"),
         (["screen", data, *base, "--layer", 3], "layer 3 is not in these vectors"),
         (["screen", data, "--trait-vectors", small, "-m", folder, "--run", tmp_path / "run"], "hidden size 32"),

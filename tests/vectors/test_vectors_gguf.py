@@ -105,7 +105,7 @@ def test_failed_export_leaves_no_file(tmp_path, make_vectors, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(PersonaxisError, match="cannot write .*v.gguf: disk full"):
         export_gguf(make_vectors(), tmp_path / "v.gguf")
     assert list(tmp_path.iterdir()) == []
 

@@ -59,7 +59,7 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
 def test_not_a_torch_file(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello")
-    with pytest.raises(PersonaxisError, match="not a readable torch file"):
+    with pytest.raises(PersonaxisError, match="is not a torch file .*: it looks like text"):
         load_pt(path)
     with pytest.raises(PersonaxisError, match="no such file"):
         load_pt(tmp_path / "missing.pt")
@@ -253,5 +253,5 @@ def test_capping_config_refusals(tmp_path, capping):
         import_capping_config(tmp_path / "tensor.pt")
     config["vectors"]["neg_axis_layer_2"]["vector"] = rand(2, H)
     torch.save(config, tmp_path / "matrix.pt")
-    with pytest.raises(PersonaxisError, match="is not a 1-D tensor"):
+    with pytest.raises(PersonaxisError, match="is not a non-empty 1-D tensor"):
         import_capping_config(tmp_path / "matrix.pt")

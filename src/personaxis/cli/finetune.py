@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from personaxis.cli.options import DeviceOpt, DtypeOpt, ModelOpt
+from personaxis.cli.options import BatchSizeOpt, DeviceOpt, DtypeOpt, ModelOpt, SeedOpt, check_output, number, real
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
@@ -49,11 +49,11 @@ def shift_command(
     tuned: Annotated[str, typer.Option(help="the finetuned model, or a LoRA adapter folder for --base")],
     trait_vectors: Annotated[Path, typer.Option("--trait-vectors", help="a vectors .safetensors file")],
     trait: Annotated[str | None, typer.Option(help="trait whose evaluation questions to use (name or .json)")] = None,
-    layer: Annotated[int | None, typer.Option(help="layer to report (default: calibrated, else middle)")] = None,
+    layer: Annotated[int | None, number("layer to report (default: calibrated, else middle)", min=0)] = None,
     name: Annotated[str | None, typer.Option(help="which direction (default: the trait's, or the only one)")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the per-layer shift as JSON")] = None,
     run: Annotated[Path | None, typer.Option(help="run folder to cache activations in (default: none kept)")] = None,
-    batch_size: int = 8,
+    batch_size: BatchSizeOpt = 8,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
@@ -65,10 +65,14 @@ def shift_command(
     from personaxis.inference.steering import default_layer
     from personaxis.model import load_model
     from personaxis.store import RunStore, atomic_write_text
-    from personaxis.traits.screening import check_output
     from personaxis.vectors import Vectors
 
     console = Console()
+    inputs = [trait_vectors, Path(trait) if trait is not None and Path(trait).is_file() else None]
+    if out is not None:
+        check_output(out, inputs=inputs, suffixes=(".json",))
+    if run is not None:
+        check_output(run, inputs=inputs, folder=True, option="--run")
     vectors = Vectors.load(trait_vectors)
     spec = _trait(trait, vectors)
     if name is None and spec.name in vectors.names:
@@ -76,8 +80,6 @@ def shift_command(
     direction = vectors.resolve(name)
     chosen = default_layer(vectors) if layer is None else layer
     vectors.row(chosen)
-    if out is not None:
-        check_output(out, (".json",))
     prompts = [[{"role": "user", "content": q}] for q in spec.questions.evaluation]
     with ExitStack() as stack:
         folder = run if run is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shift-")))
@@ -119,23 +121,23 @@ def finetune_command(
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="new folder for the LoRA adapter and its training config")],
     prevent: Annotated[Path | None, typer.Option(help="vectors to steer along while training (preventative)")] = None,
-    alpha: Annotated[float | None, typer.Option(help="steering coefficient for --prevent")] = None,
+    alpha: Annotated[float | None, real("steering coefficient for --prevent")] = None,
     units: Annotated[
         str, typer.Option(help="relative (α·mean_norm·v̂; the paper's raw α = 5 is about 0.25 here) or raw (α·v)")
     ] = "relative",
     ablate: Annotated[Path | None, typer.Option(help="vectors to ablate while training (CAFT)")] = None,
     layers: Annotated[str | None, typer.Option(help="all, i,j,k or a:b (default: calibrated, else middle)")] = None,
     name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
-    epochs: int = 1,
-    lr: float = 1e-4,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    lora_r: int = 32,
-    lora_alpha: float = 64.0,
-    lora_dropout: float = 0.0,
-    max_length: int = 1024,
-    max_steps: int | None = None,
-    seed: int = 0,
+    epochs: Annotated[int, number("passes over the data", min=1)] = 1,
+    lr: Annotated[float, real("learning rate (above 0)")] = 1e-4,
+    batch_size: BatchSizeOpt = 4,
+    grad_accum: Annotated[int, number("micro-batches per optimizer step", min=1)] = 1,
+    lora_r: Annotated[int, number("LoRA rank", min=1)] = 32,
+    lora_alpha: Annotated[float, real("LoRA alpha (the update is scaled by alpha / r)", min=0.0)] = 64.0,
+    lora_dropout: Annotated[float, real("LoRA dropout, in [0, 1)", min=0.0, max=1.0)] = 0.0,
+    max_length: Annotated[int, number("longest chat trained on, in tokens", min=1)] = 1024,
+    max_steps: Annotated[int | None, number("stop after this many optimizer steps", min=1)] = None,
+    seed: SeedOpt = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
@@ -146,6 +148,7 @@ def finetune_command(
     from personaxis.model import load_model
     from personaxis.vectors import Vectors
 
+    check_output(out, inputs=[data, prevent, ablate], folder=True)
     if prevent is not None and ablate is not None:
         raise PersonaxisError("give --prevent or --ablate, not both")
     if (prevent is None) != (alpha is None):

@@ -5,7 +5,9 @@ User mistakes raise `PersonaxisError`; `main` prints them as one line on stderr 
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,7 +19,18 @@ from rich.text import Text
 from personaxis.cli import axis as axis_cli
 from personaxis.cli import finetune as finetune_cli
 from personaxis.cli import screen as screen_cli
-from personaxis.cli.options import DtypeOpt, ModelOpt, VLLMArgsOpt, load
+from personaxis.cli.options import (
+    BatchSizeOpt,
+    DtypeOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    OptionalSeedOpt,
+    TemperatureOpt,
+    VLLMArgsOpt,
+    check_output,
+    load,
+    real,
+)
 from personaxis.cli.traits import register as register_traits
 from personaxis.errors import PersonaxisError
 
@@ -79,17 +92,18 @@ def extract(
     aggregation: Annotated[str, typer.Option(help="response, prompt or last_prompt")] = "response",
     name: Annotated[str, typer.Option(help="name of the direction in the file")] = "direction",
     points_toward: Annotated[str, typer.Option(help="what the + sign means")] = "the positive chats",
-    batch_size: int = 8,
+    batch_size: BatchSizeOpt = 8,
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
     dtype: DtypeOpt = "auto",
 ):
     """Per-layer mean of response-token activations over chats, or the difference of two sets' means."""
     from personaxis.common.datasets import parse_layers, read_chats
     from personaxis.inference.means import mean_difference, mean_vectors
 
+    check_output(out, inputs=[chats, *(diff or ())], force=force)
     if (chats is None) == (diff is None):
         raise PersonaxisError("give either --chats FILE or --diff POS NEG")
     sets = [read_chats(p, need_assistant=True) for p in ([chats] if chats else list(diff))]
-    _check_writable(out)
     m = load(model, dtype)
     chosen = parse_layers(layers, m.n_layers)
     if chats is not None:
@@ -111,8 +125,9 @@ def generate(
     steer: Annotated[
         list[str] | None,
         typer.Option(
-            help="FILE:LAYER:COEF (LAYER may be a:b or i,j; COEF in --units, or with its unit: 0.15rel, "
-            "4raw), or FILE alone for a calibrated trait's own layer and strength; repeatable"
+            help="FILE:LAYERS:COEF, LAYERS i, i,j or a:b (b excluded), COEF in --units or with its unit (0.15rel, "
+            "4raw); FILE:LAYERS for a calibrated trait's strength at other layers; FILE alone for its own layer "
+            "and strength; repeatable"
         ),
     ] = None,
     units: Annotated[
@@ -123,9 +138,9 @@ def generate(
     ] = "relative",
     cap: Annotated[Path | None, typer.Option(help="a capping config (.safetensors)")] = None,
     project: Annotated[list[Path] | None, typer.Option(help="vectors to read projections on; repeatable")] = None,
-    max_tokens: int = 128,
-    temperature: float = 0.0,
-    seed: int | None = None,
+    max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    seed: OptionalSeedOpt = None,
     dtype: DtypeOpt = "auto",
 ):
     """Reply to one prompt, optionally steered, capped and monitored."""
@@ -145,10 +160,16 @@ def generate(
     ops = []
     for path, vectors, layer_spec, strength in loaded:
         vectors.validate(m)
-        if strength is None:  # the strength `trait calibrate` chose, in the units it chose them
+        if strength is None and layer_spec is None:  # the layer and strength `trait calibrate` chose
             op = trait_steer_op(vectors)
             choice = calibration_choice(vectors) or {}
             coef, chosen_units = float(choice["coef"]), str(choice.get("units", "relative"))
+        elif strength is None:  # the calibrated strength, at the layers given
+            choice = calibration_choice(vectors) or {}
+            if "coef" not in choice:
+                raise PersonaxisError(f"{path} carries no calibrated strength: give FILE:LAYERS:COEF")
+            coef, chosen_units = float(choice["coef"]), check_units(str(choice.get("units", "relative")))
+            op = steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=chosen_units)
         else:
             coef, chosen_units = strength
             op = steer_op(vectors, coef, parse_layers(layer_spec, m.n_layers), units=chosen_units)
@@ -190,20 +211,39 @@ def _layer_list(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
+_STEER_FORM = "use FILE:LAYERS:COEF (e.g. evil.safetensors:20:0.15 or evil.safetensors:10:14:0.15), FILE:LAYERS or FILE"
+_LAYER_LIST = re.compile(r"\s*(all|-?\d+(\s*,\s*-?\d+)*)\s*")
+_LAYER_BOUND = re.compile(r"\s*(-?\d+)?\s*")
+
+
 def _parse_steer(spec: str, default_units: Units) -> tuple[Path, str | None, tuple[float, Units] | None]:
+    """`--steer FILE[:LAYERS[:COEF]]`, read from the right: LAYERS:COEF is `i:c` or `i,j:c`, a range needs its COEF
+    (`a:b:c`), and LAYERS alone is `i` or `i,j`. A FILE whose own name holds colons is found if it exists."""
     from personaxis.inference.steering import parse_strength
 
-    if ":" not in spec and spec.endswith(".safetensors"):
+    if Path(spec).expanduser().is_file():
         return Path(spec), None, None
-    path, sep1, rest = spec.rpartition(":")
-    file, sep2, layer = path.rpartition(":")
-    if not (sep1 and sep2 and file and layer):
-        raise PersonaxisError(
-            f"bad --steer {spec!r}: use FILE:LAYER:COEF (e.g. evil.safetensors:20:0.15) or a calibrated "
-            "FILE.safetensors"
-        )
+    parts = spec.split(":")
+    splits = [(":".join(parts[:k]), parts[k:]) for k in range(len(parts) - 1, 0, -1) if len(parts) - k <= 3]
+    existing = [(f, rest) for f, rest in splits if f and Path(f).expanduser().is_file()]
+    if not existing:
+        named = [f for f, _ in splits if f.endswith(".safetensors")]
+        missing = (named or [f for f, _ in splits[-1:]] or [spec])[0] or spec
+        raise PersonaxisError(f"bad --steer {spec!r}: no such file {missing!r}; {_STEER_FORM}")
+    file, fields = existing[0]
+    *layer_fields, coef = fields if len(fields) > 1 else (*fields, None)
+    if len(layer_fields) == 2:
+        if not all(_LAYER_BOUND.fullmatch(x) for x in layer_fields):
+            raise PersonaxisError(
+                f"bad --steer {spec!r}: the layers {':'.join(layer_fields)!r} are not a:b; {_STEER_FORM}"
+            )
+    elif not _LAYER_LIST.fullmatch(layer_fields[0]):
+        raise PersonaxisError(f"bad --steer {spec!r}: the layers {layer_fields[0]!r} are not i or i,j; {_STEER_FORM}")
+    layers = ":".join(layer_fields)
+    if coef is None:
+        return Path(file), layers, None
     try:
-        return Path(file), layer, parse_strength(rest, default_units)
+        return Path(file), layers, parse_strength(coef, default_units)
     except PersonaxisError as e:
         raise PersonaxisError(f"bad --steer {spec!r}: {e}") from None
 
@@ -227,7 +267,7 @@ def export_gguf_cmd(
     units: Annotated[str, typer.Option(help="unit of --strength: relative (× mean norm, useful 0.05–0.3) or raw")] = (
         "relative"
     ),
-    scale: Annotated[float, typer.Option(help="an extra factor on every direction (−1 flips the sign)")] = 1.0,
+    scale: Annotated[float, real("an extra factor on every direction (−1 flips the sign)")] = 1.0,
     force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ):
     """Write a llama.cpp control vector (direction.i = block i), ready for --control-vector-scaled FILE 1.0 when
@@ -237,9 +277,7 @@ def export_gguf_cmd(
     from personaxis.traits.steer import calibration_choice
     from personaxis.vectors import Vectors, export_gguf
 
-    _check_writable(out)
-    if out.exists() and not force:
-        raise PersonaxisError(f"{out} exists: pass --force to replace it")
+    check_output(out, inputs=[vector], force=force)
     default_units = check_units(units)
     parsed = parse_strength(strength, default_units) if strength is not None else None
     vectors = Vectors.load(vector)
@@ -255,9 +293,9 @@ def export_gguf_cmd(
             chosen = [i for i in chosen if i in vectors.layers]
     else:
         chosen = list(vectors.layers)
-    if 0 in chosen and (layers is None or layers.strip() == "all"):
+    dropped = 0 in chosen and (layers is None or layers.strip() == "all")
+    if dropped:
         chosen.remove(0)
-        err.print("note: layer 0 left out (llama.cpp control vectors cannot hold direction.0)", markup=False)
     missing = [i for i in chosen if i not in vectors.layers]
     if missing:
         raise PersonaxisError(
@@ -270,6 +308,8 @@ def export_gguf_cmd(
         vectors, out, name=name, scale=scale, layers=chosen,
         strength=None if parsed is None else parsed[0], units=default_units if parsed is None else parsed[1],
     )  # fmt: skip
+    if dropped:  # said once the file is written: a refusal stays one line
+        err.print("note: layer 0 left out (llama.cpp control vectors cannot hold direction.0)", markup=False)
     where = f"layer(s) {_layer_list(chosen)}"
     if parsed is None:
         console.print(
@@ -299,12 +339,13 @@ def import_cmd(
         int | None, typer.Option(min=1, help="the model's block count: checks the file, settles a bare tensor")
     ] = None,
     experiment: Annotated[str | None, typer.Option(help="which experiment of a capping config to write")] = None,
+    force: Annotated[bool, typer.Option(help="replace OUT if it exists")] = False,
 ):
     """Convert reference-format vectors or capping configs (assistant-axis, persona_vectors) or a llama.cpp control
     vector into a personaxis artifact."""
     from personaxis.vectors import import_gguf, import_reference
 
-    _check_writable(out)
+    check_output(out, inputs=[source, *(sorted(source.glob("*.pt")) if source.is_dir() else [])], force=force)
     if source.suffix == ".gguf":
         if format != "auto" or n_layers is not None or experiment is not None:
             raise PersonaxisError("--format, --n-layers and --experiment are for reference .pt files, not a .gguf")
@@ -389,21 +430,17 @@ app.add_typer(axis_cli.cap_app, name="cap")  # cap calibrate|sweep|replay
 axis_cli.register(app)  # drift
 
 
-def _check_writable(path: Path) -> None:
-    folder = path.expanduser().resolve().parent
-    if not folder.exists():
-        raise PersonaxisError(f"the folder {folder} does not exist")
-    if path.is_dir():
-        raise PersonaxisError(f"{path} is a folder, expected a file path")
-
-
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     hf_logging.set_verbosity_error()
     try:
-        app(prog_name="personaxis", standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer()
+            for noisy in _NOISY_WARNINGS:
+                warnings.filterwarnings("ignore", message=noisy)
+            app(prog_name="personaxis", standalone_mode=False)
     except PersonaxisError as exc:
         _fail(str(exc))
     except typer.Exit as exc:
@@ -419,6 +456,28 @@ def main() -> None:
         _fail(message + (f" (see: {context.command_path} --help)" if context is not None else ""))
 
 
+_DEVELOPER_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_NOISY_WARNINGS = (  # said better by our own message, or nothing a user can act on
+    r"Detected pickle protocol",  # torch.load, before the refusal that names the file
+)
+
+
+def _warning_printer():  # noqa: ANN202 - the signature of `warnings.showwarning`
+    """Python warnings as one line each on stderr, `warning: ...`, each text once; the deprecation notes that torch,
+    transformers and other libraries address to developers are left out: a user can do nothing about them."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        text = " ".join(str(message).split())
+        if issubclass(category, _DEVELOPER_WARNINGS) and "personaxis" not in str(filename):
+            return
+        if text not in shown:
+            shown.add(text)
+            err.print(f"warning: {text}", markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+    return show
+
+
 def _fail(message: str) -> None:
-    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    err.print(f"error: {message}", markup=False, highlight=False, emoji=False, soft_wrap=True)
     sys.exit(2)

@@ -8,6 +8,11 @@ while it loads), and the backend options of the pipeline commands (`axis build`,
 call of `backend_from_options` and closes it afterwards (a Ray backend stops its actors). The server's key, if it
 needs one, comes from ``OPENAI_API_KEY``: a key on the command line would show in the process list.
 
+The checks at the command line's boundary live here too, once for every command: `number` and `real` (an
+option's range; for a float also no NaN or infinity), the shared option types built on them (`BatchSizeOpt`,
+`MaxTokensOpt`, `TemperatureOpt`, `SeedOpt`), and `check_output`, which every command that writes a file or a
+folder calls before any work.
+
 Kept free of heavy imports: the command line starts without torch.
 """
 
@@ -15,9 +20,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -137,3 +146,130 @@ def backend_options(command: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in [*kept, *added]}
     return wrapper
+
+
+# -- numbers: ranges and finiteness -----------------------------------------------------------------------------------
+
+SEED_MAX = 2**32 - 1  # what every generator takes: torch, numpy (via transformers' set_seed) and vLLM
+
+
+def _finite(value: float | None) -> float | None:
+    """An option's callback: NaN and the infinities are refused as what they are."""
+    if isinstance(value, float) and math.isnan(value):
+        raise typer.BadParameter(f"{value} is not a number")
+    if isinstance(value, float) and math.isinf(value):
+        raise typer.BadParameter(f"{value} is not finite")
+    return value
+
+
+def number(help: str, *, min: int | None = None, max: int | None = None, **kwargs: Any) -> Any:
+    """An integer `typer.Option` within [min, max] (typer's own range check)."""
+    return typer.Option(help=help, min=min, max=max, **kwargs)
+
+
+def real(help: str, *, min: float | None = None, max: float | None = None, **kwargs: Any) -> Any:
+    """A float `typer.Option` that is a finite number within [min, max]. The range is checked here, after NaN and
+    inf, so that ``nan`` is called what it is rather than out of range."""
+
+    def check(value: float | None) -> float | None:
+        _finite(value)
+        if value is not None and min is not None and value < min:
+            raise typer.BadParameter(f"{value:g} is below the smallest allowed value, {min:g}")
+        if value is not None and max is not None and value > max:
+            raise typer.BadParameter(f"{value:g} is above the largest allowed value, {max:g}")
+        return value
+
+    return typer.Option(help=help, callback=check, **kwargs)
+
+
+BatchSizeOpt = Annotated[int, number("sequences run through the model together", min=1)]
+MaxTokensOpt = Annotated[int, number("the longest reply, in new tokens", min=1)]
+TemperatureOpt = Annotated[float, real("sampling temperature; 0 is greedy", min=0.0)]
+SeedOpt = Annotated[int, number(f"random seed (0 to {SEED_MAX})", min=0, max=SEED_MAX)]
+OptionalSeedOpt = Annotated[
+    int | None, number(f"random seed (0 to {SEED_MAX}) for sampled replies", min=0, max=SEED_MAX)
+]
+
+
+def finite_floats(text: str, what: str) -> tuple[float, ...]:
+    """Comma-separated numbers typed by a user, each finite."""
+    from personaxis.errors import PersonaxisError
+
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PersonaxisError(f"bad {what} {text!r}: give comma-separated numbers, e.g. -0.1,0,0.1,0.2") from None
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise PersonaxisError(f"bad {what} {text!r}: {bad[0]} is not a finite number")
+    return values
+
+
+# -- outputs: never an input, always writable -------------------------------------------------------------------------
+
+
+def _real(path: Path) -> Path:
+    """The path with `~`, `..` and every symlink resolved, whether or not it exists."""
+    return Path(os.path.realpath(path.expanduser()))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if _real(a) == _real(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output(
+    path: Path,
+    *,
+    inputs: Iterable[Path | None] = (),
+    force: bool | None = None,
+    folder: bool = False,
+    writes: Iterable[str] = (),
+    suffixes: Sequence[str] = (),
+    option: str = "--out",
+) -> Path:
+    """Refuse an output before any work is done, in one line: one that is (or links to) one of the command's
+    `inputs`, a file where a folder is wanted or the other way round, an existing file when `force` is False (a
+    command without ``--force`` passes None), and a place that cannot be written (the nearest existing folder is
+    probed with a temporary file, which is removed at once). A missing parent folder is fine if it can be created:
+    the writers create it. For a `folder`, `writes` names the files the command writes in it; none may be an input.
+    """
+    from personaxis.errors import PersonaxisError
+
+    if suffixes and path.suffix not in suffixes:
+        raise PersonaxisError(f"{option} {path}: the output must end in {' or '.join(suffixes)}")
+    sources = [source for source in inputs if source is not None]
+    for target in [path, *(path / name for name in writes)]:
+        for source in sources:
+            if _same(target, source):
+                what = f"{option} {path}" if target == path else f"{target} (written in {option} {path})"
+                raise PersonaxisError(
+                    f"{what} is the input {source}: writing it would destroy the input; choose another output"
+                )
+    if folder and path.exists() and not path.is_dir():
+        raise PersonaxisError(f"{option} {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise PersonaxisError(f"{option} {path} is a folder, expected a file path")
+    if not folder and force is False and path.exists():
+        raise PersonaxisError(f"{path} exists: pass --force to replace it")
+    target = _real(path)
+    parent = target if folder else target.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = "is a file, not a folder" if existing == parent else f"cannot be created: {existing} is a file"
+        raise PersonaxisError(f"cannot write {path}: {parent} {why}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".personaxis-", suffix=".probe", dir=existing)
+    except OSError as e:
+        raise PersonaxisError(
+            f"cannot write {path}: the folder {existing} is not writable ({e.strerror or e})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path

@@ -8,13 +8,16 @@ from typing import Annotated
 import typer
 
 from personaxis.cli.options import (
+    BatchSizeOpt,
     DeviceOpt,
     DtypeOpt,
     GeneratorOpt,
     ModelOpt,
     VLLMArgsOpt,
     check_generator,
+    check_output,
     load,
+    number,
     open_generator,
 )
 
@@ -28,14 +31,14 @@ def screen_command(
     data: Annotated[Path, typer.Argument(help="chats.jsonl; each chat ends with the assistant reply to screen")],
     trait_vectors: Annotated[Path, typer.Option("--trait-vectors", help="a vectors .safetensors file")],
     model: ModelOpt,
-    layer: Annotated[int | None, typer.Option(help="default: the calibrated layer, else the middle one")] = None,
+    layer: Annotated[int | None, number("default: the calibrated layer, else the middle one", min=0)] = None,
     out: Annotated[Path | None, typer.Option(help="ranked .jsonl or .parquet (default: DATA.screened.jsonl)")] = None,
     run: Annotated[Path, typer.Option(help="run folder caching the model's own replies and the captures")] = Path(
         "runs/screen"
     ),
     name: Annotated[str | None, typer.Option(help="which direction, if the file holds several")] = None,
-    max_tokens: Annotated[int, typer.Option(help="length limit of the model's own replies")] = 256,
-    batch_size: int = 8,
+    max_tokens: Annotated[int, number("length limit of the model's own replies", min=1)] = 256,
+    batch_size: BatchSizeOpt = 8,
     generator: GeneratorOpt = "local",
     vllm_args: VLLMArgsOpt = None,
     dtype: DtypeOpt = "auto",
@@ -47,15 +50,20 @@ def screen_command(
     from personaxis.inference.generation import Sampling
     from personaxis.inference.steering import default_layer
     from personaxis.store import RunStore
-    from personaxis.traits.screening import check_output, read_samples, screen, write_outputs
+    from personaxis.traits.screening import OUTPUT_SUFFIXES, read_samples, screen, write_outputs
     from personaxis.vectors import Vectors
 
     console = Console(stderr=True)
+    out = out or data.with_name(f"{data.stem}.screened.jsonl")
+    inputs = [data, trait_vectors]
+    check_output(out, inputs=inputs, suffixes=OUTPUT_SUFFIXES)
+    for beside in (out.with_suffix(".png"), out.with_suffix(".summary.json")):  # written next to it
+        check_output(beside, inputs=inputs)
+    check_output(run, inputs=inputs, folder=True, option="--run")
     check_generator(generator, vllm_args)
     samples = read_samples(data)
     vectors = Vectors.load(trait_vectors)
     direction = vectors.resolve(name)
-    out = check_output(out or data.with_name(f"{data.stem}.screened.jsonl"))
     chosen = default_layer(vectors) if layer is None else layer
     vectors.row(chosen)  # refuse a layer the file does not have before loading anything
     sampling = Sampling(max_new_tokens=max_tokens)

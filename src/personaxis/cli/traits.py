@@ -14,7 +14,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from personaxis.cli.options import BackendOptions, DeviceOpt, DtypeOpt, ModelOpt, backend_options, judge_on, load
+from personaxis.cli.options import (
+    BackendOptions,
+    BatchSizeOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    SeedOpt,
+    TemperatureOpt,
+    backend_options,
+    check_output,
+    finite_floats,
+    judge_on,
+    load,
+    number,
+    real,
+)
 from personaxis.errors import PersonaxisError
 
 if TYPE_CHECKING:
@@ -34,6 +50,7 @@ JudgeOpt = Annotated[str, typer.Option(help="local:MODEL, local:same (the studie
 VectorsOpt = Annotated[Path, typer.Option("--vectors", "-v", help="the trait's vectors.safetensors")]
 RunOpt = Annotated[Path | None, typer.Option(help="run folder (default: runs/traits/<trait>-<model>)")]
 AnyCountsOpt = Annotated[bool, typer.Option(help="accept trait files with other than 5 pairs and 20 + 20 questions")]
+ScoreOpt = Annotated[float, real("a judge score threshold (scores run 0 to 100)")]
 
 
 def _trait(name: str, any_counts: bool):
@@ -78,11 +95,18 @@ def _vectors(path: Path, model, trait: TraitSpec | None = None):
     return vectors
 
 
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise PersonaxisError(f"bad {what} {text!r}: give comma-separated numbers, e.g. -0.1,0,0.1,0.2") from None
+def _trait_file(trait: str) -> Path | None:
+    """The trait's file when the argument names one (an input no output may overwrite), else None."""
+    path = Path(trait)
+    return path if path.is_file() else None
+
+
+def _run_folder(run: Path | None, trait: TraitSpec, model: str) -> Path:
+    """The run folder: `--run`, else runs/traits/<trait>-<model> (named without loading the model)."""
+    from personaxis.model.loading import model_name
+    from personaxis.traits.files import slug
+
+    return run or Path("runs/traits") / f"{trait.name}-{slug(model_name(model))}"
 
 
 @trait_app.command("new")
@@ -91,7 +115,7 @@ def new(
     description: Annotated[str, typer.Option(help="one sentence or paragraph saying what the trait is")],
     generator: Annotated[str, typer.Option(help="local:MODEL or openai:MODEL@BASE_URL")],
     out: Annotated[Path | None, typer.Option(help="where to write the trait file (default: NAME.json)")] = None,
-    attempts: Annotated[int, typer.Option(help="tries before giving up on malformed output")] = 3,
+    attempts: Annotated[int, number("tries before giving up on malformed output", min=1)] = 3,
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ):
     """Have a generator LLM write a trait file (5 prompt pairs, 20 + 20 questions, a rubric) to edit and use."""
@@ -101,6 +125,7 @@ def new(
     path = out or Path(f"{name}.json")
     if path.exists() and not force:
         raise PersonaxisError(f"{path} exists: pass --force to overwrite it or --out for another file")
+    check_output(path)
     gen = generator_from_spec(generator)
     with console.status(f"{gen.name} is writing the {name} trait..."):
         spec = write_trait(name, description, gen, attempts=attempts)
@@ -114,22 +139,23 @@ def extract(
     trait: TraitArg,
     model: ModelOpt,
     judge: JudgeOpt = "local:same",
-    samples: Annotated[int, typer.Option(help="samples per (question, instruction pair, polarity)")] = 1,
+    samples: Annotated[int, number("samples per (question, instruction pair, polarity)")] = 1,
     run: RunOpt = None,
     layers: Annotated[str, typer.Option(help="all, i,j,k or a:b")] = "all",
-    questions: Annotated[int | None, typer.Option(help="use the first N extraction questions")] = None,
-    pairs: Annotated[int | None, typer.Option(help="use the first N instruction pairs")] = None,
-    max_tokens: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
-    pos_min: Annotated[float, typer.Option(help="keep a pair if its pos reply scores at least this")] = 50.0,
-    neg_max: Annotated[float, typer.Option(help="... and its neg reply scores below this")] = 50.0,
-    coherence_min: Annotated[float, typer.Option(help="... and both are at least this coherent")] = 50.0,
+    questions: Annotated[int | None, number("use the first N extraction questions")] = None,
+    pairs: Annotated[int | None, number("use the first N instruction pairs")] = None,
+    max_tokens: MaxTokensOpt = 64,
+    temperature: TemperatureOpt = 1.0,
+    seed: SeedOpt = 0,
+    batch_size: BatchSizeOpt = 8,
+    pos_min: Annotated[float, real("keep a pair if its pos reply scores at least this")] = 50.0,
+    neg_max: Annotated[float, real("... and its neg reply scores below this")] = 50.0,
+    coherence_min: Annotated[float, real("... and both are at least this coherent")] = 50.0,
     min_gap: Annotated[
-        float, typer.Option(help="... and pos outscores neg by at least this (for judges that squeeze the scale)")
+        float,
+        real("... and pos outscores neg by at least this (for judges that squeeze the scale)"),
     ] = 0.0,
-    min_pairs: Annotated[int, typer.Option(help="fewer kept pairs than this is an error")] = 5,
+    min_pairs: Annotated[int, number("fewer kept pairs than this is an error")] = 5,
     any_counts: AnyCountsOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,
@@ -143,9 +169,11 @@ def extract(
     from personaxis.common.datasets import parse_layers
     from personaxis.store import RunStore
     from personaxis.traits.extraction import CAPTURES, ExtractSettings, Thresholds, extract_trait, extraction_layers
-    from personaxis.traits.files import VECTORS, slug
+    from personaxis.traits.files import SAMPLES, VECTORS
 
     spec = _trait(trait, any_counts)
+    folder = _run_folder(run, spec, model)
+    check_output(folder, inputs=[_trait_file(trait)], folder=True, writes=[VECTORS, SAMPLES], option="--run")
     _check_judge(judge)
     backend_options.check()
     settings = ExtractSettings(
@@ -154,7 +182,7 @@ def extract(
         min_pairs=min_pairs,
     )  # fmt: skip
     m = load(model, dtype, device)
-    store = RunStore(run or Path("runs/traits") / f"{spec.name}-{slug(m.name)}")
+    store = RunStore(folder)
     chosen = extraction_layers(m, parse_layers(layers, m.n_layers))
     with backend_options.open(m, chosen, CAPTURES, batch_size) as backend:
         judge_obj = judge_on(backend, judge, cache=store, model=m) or _judge(judge, store, m, device)
@@ -174,18 +202,20 @@ def calibrate(
     judge: JudgeOpt = "local:same",
     layers: Annotated[str | None, typer.Option(help="layers to sweep (default: 5 across the middle)")] = None,
     coefs: Annotated[str, typer.Option(help="strengths in relative units (c · mean_norm · v̂)")] = "",
-    questions: Annotated[int, typer.Option(help="use the first N evaluation questions")] = 5,
-    samples: int = 1,
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    coherence_min: float = 50.0,
+    questions: Annotated[int, number("use the first N evaluation questions", min=1)] = 5,
+    samples: Annotated[int, number("samples per (question, setting)", min=1)] = 1,
+    max_tokens: MaxTokensOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    coherence_min: ScoreOpt = 50.0,
     repetition_max: Annotated[
-        float, typer.Option(help="never choose a setting whose replies repeat more than this share of themselves (0-1)")
+        float,
+        real("never choose a setting whose replies repeat more than this share of themselves (0-1)"),
     ] = 0.5,
     alpha: Annotated[
-        float, typer.Option(help="the chosen setting's per-question rise needs sign-flip p below this (1: no test)")
+        float,
+        real("the chosen setting's per-question rise needs sign-flip p below this (1: no test)"),
     ] = 0.05,
-    batch_size: int = 8,
+    batch_size: BatchSizeOpt = 8,
     run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
     any_counts: AnyCountsOpt = False,
     dtype: DtypeOpt = "auto",
@@ -199,9 +229,14 @@ def calibrate(
     from personaxis.traits.plots import plot_calibration
 
     spec = _trait(trait, any_counts)
+    inputs = [_trait_file(trait), vectors]
+    check_output(vectors, inputs=[_trait_file(trait)], option="--vectors")  # rewritten with the calibration in it
+    check_output(
+        run or vectors.parent, inputs=inputs, folder=True, writes=[CALIBRATION, CALIBRATION_PLOT], option="--run"
+    )
     _check_judge(judge)
     settings = cal.CalibrateSettings(
-        coefs=_floats(coefs, "--coefs") if coefs else cal.DEFAULT_COEFS, questions=questions, samples=samples,
+        coefs=finite_floats(coefs, "--coefs") if coefs else cal.DEFAULT_COEFS, questions=questions, samples=samples,
         max_new_tokens=max_tokens, temperature=temperature, coherence_min=coherence_min,
         repetition_max=repetition_max, alpha=alpha, batch_size=batch_size,
     )  # fmt: skip
@@ -242,12 +277,12 @@ def monitor_eval(
     model: ModelOpt,
     vectors: VectorsOpt,
     judge: JudgeOpt = "local:same",
-    pairs: Annotated[int, typer.Option(help="instruction pairs to grade (8 levels each)")] = 1,
-    questions: Annotated[int, typer.Option(help="use the first N evaluation questions")] = 5,
+    pairs: Annotated[int, number("instruction pairs to grade (8 levels each)", min=1)] = 1,
+    questions: Annotated[int, number("use the first N evaluation questions", min=1)] = 5,
     few_shot: Annotated[bool, typer.Option(help="add few-shot variants built from kept extraction replies")] = True,
-    max_tokens: int = 64,
-    temperature: float = 0.0,
-    batch_size: int = 8,
+    max_tokens: MaxTokensOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    batch_size: BatchSizeOpt = 8,
     run: Annotated[Path | None, typer.Option(help="run folder (default: the vectors' folder)")] = None,
     any_counts: AnyCountsOpt = False,
     dtype: DtypeOpt = "auto",
@@ -260,6 +295,8 @@ def monitor_eval(
     from personaxis.traits.plots import plot_monitor
 
     spec = _trait(trait, any_counts)
+    inputs = [_trait_file(trait), vectors]
+    check_output(run or vectors.parent, inputs=inputs, folder=True, writes=[MONITOR, MONITOR_PLOT], option="--run")
     _check_judge(judge)
     settings = mon.MonitorSettings(
         pairs=pairs, questions=questions, few_shot=few_shot, max_new_tokens=max_tokens, temperature=temperature,
@@ -285,8 +322,10 @@ def monitor_eval(
 @trait_app.command("report")
 def report(run: Annotated[Path, typer.Argument(help="a trait run folder")]):
     """Write report.md with plots for a trait run folder."""
+    from personaxis.traits.files import REPORT
     from personaxis.traits.report import write_report
 
+    check_output(run, folder=True, writes=[REPORT], option="RUN")
     console.print(f"wrote {write_report(run)}")
 
 
@@ -296,7 +335,7 @@ def monitor(
     chat: Annotated[Path | None, typer.Option(help="chats.jsonl: one {'messages': [...]} per line")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p")] = None,
     system: Annotated[str | None, typer.Option("--system", "-s")] = None,
-    layer: Annotated[int | None, typer.Option(help="layer to read (default: the calibrated one)")] = None,
+    layer: Annotated[int | None, number("layer to read (default: the calibrated one)", min=0)] = None,
     direction: Annotated[str | None, typer.Option(help="which direction of the file (default: the trait's)")] = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = None,

@@ -147,6 +147,7 @@ def load_model(
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise PersonaxisError(f"no GGUF file at {path}")
+        _check_gguf(path)
         source, kwargs["gguf_file"] = path.parent, path.name
     elif path.exists():
         if not (path / "config.json").exists():
@@ -164,12 +165,54 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, **_tok_kwargs(kwargs))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PersonaxisError(f"cannot load model '{spec}': {first}") from None
+        raise PersonaxisError(f"cannot load model '{spec}': {_first_line(exc)}") from None
+    except Exception as exc:
+        if "gguf_file" not in kwargs:
+            raise
+        # transformers' GGUF reader raises ValueError, KeyError, struct.error... on a file it cannot convert
+        raise PersonaxisError(f"cannot load GGUF model {spec}: {_first_line(exc)}") from None
     if device is not None and device_map is None:
         model = model.to(device)
     model.eval()
     return ChatModel(model=model, tokenizer=tokenizer, name=name, revision=revision)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse, in one line, a `.gguf` that transformers could only answer with a traceback: not a GGUF file, a
+    llama.cpp control vector rather than a model, or a model without the tokenizer that transformers rebuilds."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return  # transformers says that it needs the gguf package
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise PersonaxisError(f"cannot read {path}: {exc.strerror or _first_line(exc)}") from None
+    if magic != b"GGUF":
+        raise PersonaxisError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields.get("general.architecture")
+        arch, has_tokenizer = (field.contents() if field else None), "tokenizer.ggml.model" in reader.fields
+        del reader  # release the memory map
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on a damaged file
+        raise PersonaxisError(
+            f"{path} is not a readable GGUF file (damaged or truncated?): {_first_line(exc)}"
+        ) from None
+    if arch == "controlvector":
+        raise PersonaxisError(f"{path} is a llama.cpp control vector, not a model")
+    if arch is None:
+        raise PersonaxisError(f"{path} is not a GGUF model: it names no architecture (general.architecture)")
+    if not has_tokenizer:
+        raise PersonaxisError(
+            f"{path} holds no tokenizer (no tokenizer.ggml.* metadata), which transformers needs to load a GGUF model"
+        )
 
 
 def model_name(spec: str | os.PathLike) -> str:

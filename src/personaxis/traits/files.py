@@ -17,8 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from personaxis.common.datasets import read_text
-from personaxis.errors import PersonaxisError
+from personaxis.common import datasets
 from personaxis.store import atomic_write_text
 
 VECTORS = "vectors.safetensors"
@@ -42,11 +41,7 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) ->
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    lines = read_text(path).splitlines()
-    try:
-        return [json.loads(line) for line in lines if line.strip()]
-    except ValueError as e:
-        raise PersonaxisError(f"{path}: invalid JSON line ({e})") from None
+    return [record for _, record in datasets.read_jsonl(path)]
 
 
 def slug(text: str) -> str:

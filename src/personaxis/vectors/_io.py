@@ -45,11 +45,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     A failure mid-write leaves the previous file (or none), never half a file that a later run would trust.
     The temporary file lives in the same folder so that `os.replace` is an atomic rename; it gets the usual
-    permissions rather than mkstemp's private ones.
+    permissions rather than mkstemp's private ones. A folder that cannot be written is one line
+    (`PersonaxisError`), as is any other failure of the file system.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise PersonaxisError(f"cannot write {path}: {e.strerror or one_line(e)}") from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -58,9 +62,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise PersonaxisError(f"cannot write {path}: {e.strerror or one_line(e)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_finite(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
+    """No artifact is ever written with a NaN or an infinity in it: refuse the file in one line instead."""
+    for name in sorted(tensors):
+        value = tensors[name]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise PersonaxisError(f"refusing to write {path}: tensor {name!r} holds NaN or infinite values")
 
 
 def save_canonical(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str]) -> None:
@@ -92,6 +107,7 @@ def write_artifact(
 
     The same tensors and metadata give the same bytes, whatever order they were built in (`save_canonical`).
     """
+    check_finite(path, tensors)
     with atomic_path(path) as tmp:
         save_canonical(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},

@@ -10,7 +10,6 @@ and the layer, instead of surfacing later as a silently broken steering run.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -80,10 +79,9 @@ M = TypeVar("M", bound=VectorMeta)
 
 def parse_meta(cls: type[M], text: str, path: str | os.PathLike[str]) -> M:
     """Metadata from a file, with one-line errors and a clear word when the file is newer than this library."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise PersonaxisError(f"{path}: metadata is not valid JSON ({e})") from None
+    from personaxis.common.datasets import loads
+
+    raw = loads(text, f"{path}: metadata")
     version = raw.get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else FORMAT_VERSION
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise PersonaxisError(
@@ -261,7 +259,10 @@ class Vectors:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one self-contained `.safetensors` file (tensors per name, `layers`, JSON metadata), atomically."""
-        tensors = dict(self.data)
+        try:  # the rows may have been edited since the constructor checked them
+            tensors = {name: as_rows(name, v, self.layers, self.hidden_size) for name, v in self.data.items()}
+        except PersonaxisError as e:
+            raise PersonaxisError(f"refusing to write {path}: {e}") from None
         tensors[_RESERVED] = torch.tensor(self.layers, dtype=torch.int64)
         write_artifact(path, tensors, KIND, self.meta.model_dump_json())
         return Path(path)

@@ -133,8 +133,15 @@ class CapConfig:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one self-contained `.safetensors` file, atomically (τ kept in float64, exactly as given)."""
+        try:  # the rows and thresholds may have been edited since the constructor checked them
+            directions = as_rows("cap", self.directions, self.layers, self.meta.hidden_size)
+            bad = [layer for layer, t in zip(self.layers, self.tau, strict=True) if not math.isfinite(t)]
+            if bad:
+                raise PersonaxisError(f"cap threshold at layer {bad[0]} is not finite ({self.threshold(bad[0])})")
+        except (PersonaxisError, ValueError) as e:
+            raise PersonaxisError(f"refusing to write {path}: {e}") from None
         tensors = {
-            "directions": self.directions,
+            "directions": directions,
             "tau": torch.tensor(self.tau, dtype=torch.float64),
             "layers": torch.tensor(self.layers, dtype=torch.int64),
         }

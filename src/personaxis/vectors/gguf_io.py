@@ -94,6 +94,18 @@ def export_gguf(
             rows[layer] = strength * float(norms[layer]) * scale * (v / v.norm())
         else:
             rows[layer] = strength * scale * v
+        if not bool(torch.isfinite(rows[layer]).all()):  # float32 overflows past ~3.4e38
+            factor = scale if strength is None else strength * scale
+            raise PersonaxisError(
+                f"refusing to write {path}: the direction at layer {layer} times {factor:g} is not finite in float32 "
+                "(NaN or inf): use a smaller scale or strength"
+            )
+        if not bool(rows[layer].any()):  # float32 underflows below ~1e-45: a file that steers nothing
+            factor = scale if strength is None else strength * scale
+            raise PersonaxisError(
+                f"refusing to write {path}: the direction at layer {layer} times {factor:g} is zero in float32: "
+                "use a larger scale or strength"
+            )
     sign = scale if strength is None else scale * strength
     if strength is None:
         scaling = {"mode": "unscaled", "scale": scale, "layers": chosen,

@@ -76,18 +76,46 @@ def load_pt(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PersonaxisError(f"no such file: {path}")
+    _check_torch_file(path)
     try:
         with torch.serialization.safe_globals(_numpy_data_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torch.load of a foreign file can fail in many ways; all are the user's file
         if "weights only load failed" not in str(e).lower():
             raise PersonaxisError(f"{path} is not a readable torch file: {one_line(e)}") from None
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        if opcode:  # a pickle protocol (4 or 5) the safe unpickler cannot read: what it builds is unknown
+            raise PersonaxisError(
+                f"refusing to load {path}: it was pickled with a protocol the weights-only loader does not read "
+                f"(pickle opcode {opcode[1]}), so what it builds cannot be checked; re-save its tensors with "
+                "torch.save's default protocol or as safetensors where you trust it"
+            ) from None
         culprit = re.search(r"GLOBAL (\S+)|got <class '([^']+)'>", str(e))
         needs = f" (it needs {culprit[1] or culprit[2]})" if culprit else ""
         raise PersonaxisError(
             f"refusing to load {path}: it is a pickle that executes code or builds objects beyond tensors and plain "
             f"data{needs}; re-save its tensors with torch.save or safetensors where you trust it"
         ) from None
+
+
+def _check_torch_file(path: Path) -> None:
+    """A torch file is a zip archive (`torch.save` since torch 1.6) or a pickle (the legacy format, protocol 2 or
+    later); anything else is refused for what it is, before the unpickler sees it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise PersonaxisError(f"cannot read {path}: {e.strerror or one_line(e)}") from None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if not head:
+        raise PersonaxisError(f"{path} is empty, not a torch file")
+    try:
+        head.decode("utf-8")
+        looks = "it looks like text"
+    except UnicodeDecodeError as e:
+        looks = "it looks like text" if e.start > len(head) - 4 else f"it starts with bytes {head[:8].hex(' ')}"
+    raise PersonaxisError(f"{path} is not a torch file (neither a zip archive from torch.save nor a pickle): {looks}")
 
 
 def _sha256(path: Path) -> str:
@@ -108,12 +136,14 @@ def _matrix(path: Path, value: Any, what: str = "tensor") -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.ndim != 2:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise PersonaxisError(f"{path}: expected a (rows, hidden) {what}, got {shape}")
+    if 0 in value.shape:
+        raise PersonaxisError(f"{path}: the {what} is empty (shape {tuple(value.shape)})")
     return value.detach().to(torch.float32)
 
 
 def _vector(path: Path, name: object, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor) or value.ndim != 1:
-        raise PersonaxisError(f"{path}: vector {name!r} is not a 1-D tensor")
+    if not isinstance(value, torch.Tensor) or value.ndim != 1 or value.numel() == 0:
+        raise PersonaxisError(f"{path}: vector {name!r} is not a non-empty 1-D tensor")
     return value.detach().to(torch.float32)
 
 
@@ -152,7 +182,7 @@ def _axis(path: Path, obj: Any, model_id: str | None, n_layers: int | None, name
             f"{path} has {rows.shape[0]} rows but the model has {n_layers} layers: "
             "an assistant-axis file has one row per block"
         )
-    counts = {k: int(obj[k]) for k in ("n_default", "n_roles") if isinstance(obj, dict) and k in obj}
+    counts = {k: _count(path, k, obj[k]) for k in ("n_default", "n_roles") if isinstance(obj, dict) and k in obj}
     digest, extra = _provenance("assistant_axis", path)
     meta = VectorMeta(
         model_id=model_id or "unknown",
@@ -166,6 +196,16 @@ def _axis(path: Path, obj: Any, model_id: str | None, n_layers: int | None, name
         extra={**extra, "source_dtype": str(raw.dtype)},
     )
     return Vectors(range(rows.shape[0]), {name or "axis": rows}, meta)
+
+
+def _count(path: Path, key: str, value: Any) -> int:
+    try:
+        count = int(value.item() if isinstance(value, torch.Tensor) else value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise PersonaxisError(f"{path}: {key!r} is not a count ({type(value).__name__})") from None
+    if not 0 <= count < 2**63 or count != value:
+        raise PersonaxisError(f"{path}: {key!r} is not a count (got {value!r:.40})")
+    return count
 
 
 def _role_files(path: Path) -> list[Path]:
