@@ -290,3 +290,16 @@ def test_bad_inputs_are_one_line_errors(monkeypatch, capsys, folder, run, tmp_pa
         "cap replay {tmp}/system.jsonl -m {m} --config {tmp}/cap.safetensors --dtype float32",
         **paths,
     )
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(monkeypatch, capsys, folder, run, tmp_path):
+    axis = run / "artifacts" / "axis.safetensors"
+    before = axis.read_bytes()
+    paths = dict(m=folder, axis=axis, run=run, tmp=tmp_path)
+    for command in (
+        "cap calibrate -m {m} --axis {axis} --run {run} --out {axis}",
+        "cap sweep -m {m} --axis {axis} --run {run} --out {axis}",
+    ):
+        assert "would destroy the input" in bad(monkeypatch, capsys, command, **paths)
+    assert axis.read_bytes() == before
+    assert "must end in .json" in bad(monkeypatch, capsys, "axis compare {run} {run} --out {tmp}/c.txt", **paths)

@@ -23,6 +23,7 @@ from personaxis.cli.options import (
     VLLMArgsOpt,
     backend_options,
     check_generator,
+    check_output,
     judge_on,
     load,
     open_generator,
@@ -225,6 +226,7 @@ def compare_cmd(
     """
     from personaxis.axis.compare import MEASURES, write_comparison
 
+    check_output(out, inputs=[run_a, run_b], suffixes=(".json",))
     result, path, figure = write_comparison(run_a, run_b, out)
     a, b = result["builds"]
     table = Table(title=f"{a['model']} (layer {a['layer']}) against {b['model']} (layer {b['layer']})")
@@ -358,6 +360,7 @@ def calibrate_cmd(
     from personaxis.axis.calibration import CalibrationConfig, calibrate_cap
     from personaxis.model.loading import model_name
 
+    check_output(out, inputs=[axis], suffixes=(".safetensors",))
     config = CalibrationConfig(percentile=percentile, layers=layers, window_size=window_size)
     done = calibrate_cap(model_name(model), axis, run, config, out=out)
     shown = Table(title=f"τ at the {percentile:g}th percentile of {done.data['n_rollouts']} pooled projections")
@@ -395,9 +398,7 @@ def sweep_cmd(
     alpha: Annotated[
         float, typer.Option(help="the chosen setting's item-by-item harm cut needs McNemar p below this (1: no test)")
     ] = 0.05,
-    out: Annotated[
-        Path | None, typer.Option(help="chosen config (default RUN/artifacts/cap_chosen.safetensors)")
-    ] = None,
+    out: Annotated[Path | None, typer.Option(help="chosen config (default RUN/artifacts/cap_chosen…)")] = None,
     seed: int = 0,
     batch_size: int = 8,
     generator: GeneratorOpt = "local",
@@ -409,6 +410,7 @@ def sweep_cmd(
     from personaxis.axis.runfiles import build_store, load_axis
     from personaxis.axis.sweep import SweepConfig, sweep
 
+    check_output(out, inputs=[axis], suffixes=(".safetensors",))
     config = SweepConfig(
         windows=tuple(_numbers(windows, "windows", int)), positions=positions,
         percentiles=tuple(_numbers(percentiles, "percentiles")), jailbreaks=jailbreaks, capability=capability,
@@ -468,6 +470,7 @@ def replay_cmd(
     from personaxis.inference.generation import Sampling
     from personaxis.vectors import CapConfig
 
+    check_output(out, inputs=[chats, config, axis], suffixes=(".json",))
     chat_list = read_chats(chats)
     cap = CapConfig.load(config)
     m = load(model, dtype, device)

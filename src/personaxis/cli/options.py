@@ -223,7 +223,7 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def check_output(
-    path: Path,
+    path: Path | None,
     *,
     inputs: Iterable[Path | None] = (),
     force: bool | None = None,
@@ -231,13 +231,16 @@ def check_output(
     writes: Iterable[str] = (),
     suffixes: Sequence[str] = (),
     option: str = "--out",
-) -> Path:
+) -> Path | None:
     """Refuse an output before any work is done, in one line: one that is (or links to) one of the command's
     `inputs`, a file where a folder is wanted or the other way round, an existing file when `force` is False (a
     command without ``--force`` passes None), and a place that cannot be written (the nearest existing folder is
     probed with a temporary file, which is removed at once). A missing parent folder is fine if it can be created:
     the writers create it. For a `folder`, `writes` names the files the command writes in it; none may be an input.
+    No path (an option left to its default) passes.
     """
+    if path is None:
+        return None
     from personaxis.errors import PersonaxisError
 
     if suffixes and path.suffix not in suffixes:
