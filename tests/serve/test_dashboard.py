@@ -52,7 +52,9 @@ def test_chat_side_by_side_and_charts(model, artifacts):
             page.click("#add-steer")
             slider = page.locator(".steer input[type=range]")
             assert (slider.get_attribute("min"), slider.get_attribute("max"), slider.get_attribute("step")) == (
-                "-1", "1", "0.01"
+                "-1",
+                "1",
+                "0.01",
             )
             assert page.inner_text(".steer .unit") == "× mean norm"  # the unit next to the number
             placeholder, fits = page.evaluate(PLACEHOLDER_FITS)
