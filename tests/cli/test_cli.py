@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from personaxis.inference.capture import encode_means
 from personaxis.model import load_model
+from personaxis.serve import plan
 from personaxis.vectors import Vectors, import_gguf
 
 CHATS = [
@@ -22,6 +23,10 @@ CHATS = [
 def write_jsonl(path, chats):
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     return path
+
+
+def _span(layers):
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 2 else ",".join(map(str, layers))
 
 
 def test_info(monkeypatch, capsys, folder):
@@ -51,6 +56,9 @@ def test_demo(monkeypatch, capsys, folder, tmp_path):
     assert torch.isfinite(vectors.data["pirate"]).all() and (vectors.data["pirate"].norm(dim=-1) > 0).all()
     chosen = int(out.split("chosen layer ")[1].split()[0])
     assert chosen in (1, 2)  # the middle half of a 4-block model
+    assert vectors.meta.extra["layer"] == chosen and plan.default_layer(vectors) == chosen  # `serve` monitors there
+    separation = vectors.meta.extra["separation"]
+    assert len(separation) == 4 and max(separation[1:3]) == separation[chosen]
     assert "3. Steering a plain prompt along it at layer" in out
     for coef in ("+0 ", "+0.15", "+0.3"):
         assert coef in out, out
@@ -70,8 +78,9 @@ def test_extract_mean_and_diff(monkeypatch, capsys, folder, tmp_path):
 
     neg = write_jsonl(tmp_path / "neg.jsonl", CHATS[::-1][:2])
     diff = tmp_path / "diff.safetensors"
-    code, _, err = run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, neg, "--out", diff)
+    code, out, err = run(monkeypatch, capsys, "extract", "-m", folder, "--diff", chats, neg, "--out", diff)
     assert code == 0, err
+    assert "best-separating layers (Cohen's d of the two sets along the direction): " in out, out
     d = Vectors.load(diff)
     expected = encode_means(model, CHATS, d.layers)[:, 0].mean(0) - encode_means(model, CHATS[::-1][:2], d.layers)[
         :, 0
@@ -90,7 +99,7 @@ def test_generate_steer_project_and_gguf(monkeypatch, capsys, folder, tmp_path):
         "--project", vec, "--max-tokens", "5",
     )  # fmt: skip
     assert code == 0, err
-    assert "projection" in err
+    assert "projection" in err and f"(v.safetensors, read at layers {_span(Vectors.load(vec).layers)})" in err, err
     for layer in Vectors.load(vec).layers:  # each layer it read is named with its reading
         assert f"  layer {layer}: mean " in err, err
     gguf = tmp_path / "v.gguf"

@@ -98,7 +98,7 @@ def extract(
 ):
     """Per-layer mean of response-token activations over chats, or the difference of two sets' means."""
     from personaxis.common.datasets import parse_layers, read_chats
-    from personaxis.inference.means import mean_difference, mean_vectors
+    from personaxis.inference.means import best_layers, mean_difference, mean_vectors
 
     check_output(out, inputs=[chats, *(diff or ())], force=force)
     if (chats is None) == (diff is None):
@@ -114,7 +114,21 @@ def extract(
             batch_size=batch_size,
         )  # fmt: skip
     vectors.save(out)
-    console.print(f"wrote {out}: {len(vectors.layers)} layers × {vectors.hidden_size}, counts {vectors.meta.counts}")
+    console.print(
+        f"wrote {out}: {len(vectors.layers)} layers × {vectors.hidden_size}, counts {vectors.meta.counts}",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    if diff is not None:
+        best = best_layers(vectors)
+        if best:
+            console.print(
+                "best-separating layers (Cohen's d of the two sets along the direction): "
+                + ", ".join(f"{layer} (d {d:.1f})" for layer, d in best)
+                + "; steer at one of them, e.g. --steer FILE:LAYER:0.15",
+                markup=False, highlight=False, soft_wrap=True,
+            )  # fmt: skip
+        else:
+            console.print("no per-layer separation: it needs two chats on each side at least", markup=False)
 
 
 @app.command()
@@ -145,6 +159,7 @@ def generate(
 ):
     """Reply to one prompt, optionally steered, capped and monitored."""
     from personaxis.common.datasets import parse_layers
+    from personaxis.common.progress import working
     from personaxis.inference.generation import Sampling, generate_batch, prompt_ids
     from personaxis.inference.steering import cap_op, check_units, describe_strength, project_op, steer_op
     from personaxis.traits.steer import calibration_choice, trait_steer_op
@@ -189,8 +204,8 @@ def generate(
         labels[label] = (path, op.layers)
         ops.append(op)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    err.print(f"generating up to {max_tokens} tokens...", markup=False, highlight=False)
-    out = generate_batch(m, [prompt_ids(m, messages)], sampling, ops=ops)[0]
+    with working(f"generating up to {max_tokens} tokens"):
+        out = generate_batch(m, [prompt_ids(m, messages)], sampling, ops=ops)[0]
     console.print(out.text, markup=False, highlight=False)
     if out.cap_hits:
         err.print(f"[dim]cap moved {out.cap_hits} token×layer activations[/dim]")
@@ -198,9 +213,11 @@ def generate(
         path, layers = labels.get(name, (None, []))
         per_layer = values.nanmean(dim=0)  # [layers]: each layer's mean over the reply tokens
         where = f"{path.name}, " if path is not None else ""
+        read = f"layer {layers[0]}" if len(layers) == 1 else f"layers {_layer_list(list(layers))}"
         err.print(
-            f"projection '{name}' ({where}{len(per_layer)} layer(s)) over {values.shape[0]} reply tokens:", markup=False
-        )
+            f"projection '{name}' ({where}read at {read}) over {values.shape[0]} reply tokens:", markup=False,
+            highlight=False,
+        )  # fmt: skip
         for layer, value in zip(layers, per_layer.tolist(), strict=False):
             err.print(f"  layer {layer}: mean {value:.3f}", markup=False, highlight=False)
 
@@ -402,8 +419,11 @@ def serve(
     vllm_args: VLLMArgsOpt = None,
 ):
     """OpenAI-compatible server with per-request steering and capping, axis telemetry and a dashboard at /."""
-    from personaxis.serve.app import Limits
-    from personaxis.serve.run import run_server
+    from personaxis.common.progress import working
+
+    with working("starting the server"):  # the serving stack imports torch: seconds before anything else happens
+        from personaxis.serve.app import Limits
+        from personaxis.serve.run import run_server
 
     limits = Limits(
         max_batch=max_batch,

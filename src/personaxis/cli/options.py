@@ -86,12 +86,12 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps... (
 
 
 def load(spec: str, dtype: str = "auto", device: str | None = None) -> ChatModel:
-    """The model a command names, loaded while a status line says so."""
-    from rich.console import Console
+    """The model a command names, loaded while a line says so (a spinner on a terminal, plain lines in a log)."""
+    from personaxis.common.progress import working
 
-    from personaxis.model import load_model
+    with working(f"loading {spec}"):  # torch and transformers are imported inside: they take seconds too
+        from personaxis.model import load_model
 
-    with Console(stderr=True).status(f"loading {spec}..."):
         return load_model(spec, dtype=dtype, device=device)
 
 

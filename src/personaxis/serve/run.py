@@ -5,7 +5,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+import uvicorn
+
 from personaxis.common.datasets import read_json
+from personaxis.common.progress import stderr_console, working
 from personaxis.errors import PersonaxisError
 from personaxis.serve.app import Limits, create_app
 from personaxis.serve.loop import ClosedLoop
@@ -59,8 +62,6 @@ def run_server(
     vllm_args: str | None = None,
 ) -> None:
     """Serve until interrupted. Binding beyond loopback without an API key is refused: the model would be open."""
-    import uvicorn
-
     from personaxis.model import load_model
     from personaxis.vectors.artifact import Vectors
     from personaxis.vectors.cap import CapConfig
@@ -88,16 +89,32 @@ def run_server(
         policy = ClosedLoop(threshold=threshold, window=window) if threshold is not None else None
     except ValueError as err:
         raise PersonaxisError(f"closed loop: {err}") from None
-    if engine == "vllm":
-        from personaxis.backends import parse_vllm_args
-        from personaxis.vllm import VLLMModel
+    with working(f"loading {model_spec}" + (" in vLLM" if engine == "vllm" else "")):
+        if engine == "vllm":
+            from personaxis.backends import parse_vllm_args
+            from personaxis.vllm import VLLMModel
 
-        args = {"max_num_seqs": limits.max_batch} | parse_vllm_args(vllm_args)
-        model = VLLMModel(model_spec, dtype=dtype, **args)
-    else:
-        model = load_model(model_spec, dtype=dtype)
+            args = {"max_num_seqs": limits.max_batch} | parse_vllm_args(vllm_args)
+            model = VLLMModel(model_spec, dtype=dtype, **args)
+        else:
+            model = load_model(model_spec, dtype=dtype)
     app = create_app(
         model, axis=axis, caps=caps, vectors=vectors, api_key=api_key, limits=limits, policy=policy, space=space,
         batch_invariant=batch_invariant,
     )  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    _Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying in one line where to go once it listens."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            config = self.config
+            shown = f"[{config.host}]" if ":" in config.host else config.host
+            url = f"http://{shown}:{config.port}"
+            stderr_console().print(
+                f"serving on {url} (dashboard: {url}/, OpenAI API: {url}/v1; Ctrl-C stops)", markup=False,
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from personaxis.common.progress import progress_bar
 from personaxis.inference.generation import Sampling, generate
 from personaxis.inference.means import meta_for
 from personaxis.inference.steering import project_op, steer_op
@@ -70,6 +71,9 @@ def run_demo(model: ChatModel, out: Path, console: Console, max_tokens: int = 40
         model, method="mean_diff", points_toward="pirate speech (vs. a plain assistant)", aggregation="response_mean",
         counts={"positive": len(pos), "negative": len(neg)}, config={"demo": "pirate", "max_tokens": max_tokens},
     )  # fmt: skip
+    # the layer it chose, where `serve` and the other commands look for an artifact's default layer
+    meta.extra["layer"] = layer
+    meta.extra["separation"] = [float(d) if torch.isfinite(d) else None for d in separation]
     vectors = Vectors(layers, {"pirate": direction}, meta)
     out.mkdir(parents=True, exist_ok=True)
     path = vectors.save(out / "pirate.safetensors")
@@ -83,7 +87,11 @@ def run_demo(model: ChatModel, out: Path, console: Console, max_tokens: int = 40
             f"{i}{mark}", f"{pos_proj[:, i].mean():.2f}", f"{neg_proj[:, i].mean():.2f}", f"{separation[i]:.1f}"
         )
     console.print(table)
-    console.print(f"  chosen layer {layer} (best separation in the middle of the network); saved to {path}")
+    console.print(
+        f"  chosen layer {layer} (best separation in the middle of the network); saved to {path} as its default "
+        "layer (`personaxis serve --vectors` steers and monitors there)",
+        markup=False, highlight=False,
+    )  # fmt: skip
 
     console.print(f"[bold]3. Steering a plain prompt along it at layer {layer}[/bold] ({PROBE!r}, no system prompt)")
     probe = [[{"role": "user", "content": PROBE}]]
@@ -91,9 +99,12 @@ def run_demo(model: ChatModel, out: Path, console: Console, max_tokens: int = 40
     table = Table()
     for column in ("coef (× mean norm)", "projection", "reply"):
         table.add_column(column)
-    for coef in COEFS:
-        ops = [monitor] + ([steer_op(vectors, coef, layer, units="relative")] if coef else [])
-        reply = generate(model, probe, Sampling(max_new_tokens=max_tokens), ops=ops)[0]
-        table.add_row(f"{coef:+g}", f"{reply.projections['pirate'].nanmean():.2f}", reply.text.replace("\n", " "))
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task("steering", total=len(COEFS))
+        for coef in COEFS:
+            ops = [monitor] + ([steer_op(vectors, coef, layer, units="relative")] if coef else [])
+            reply = generate(model, probe, Sampling(max_new_tokens=max_tokens), ops=ops)[0]
+            table.add_row(f"{coef:+g}", f"{reply.projections['pirate'].nanmean():.2f}", reply.text.replace("\n", " "))
+            bar.advance(task)
     console.print(table)
     return vectors
