@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from personaxis.inference.capture import encode_means
+from personaxis.inference.steering import default_layer
 from personaxis.model import load_model
-from personaxis.serve import plan
 from personaxis.vectors import Vectors, import_gguf
 
 CHATS = [
@@ -56,7 +56,7 @@ def test_demo(monkeypatch, capsys, folder, tmp_path):
     assert torch.isfinite(vectors.data["pirate"]).all() and (vectors.data["pirate"].norm(dim=-1) > 0).all()
     chosen = int(out.split("chosen layer ")[1].split()[0])
     assert chosen in (1, 2)  # the middle half of a 4-block model
-    assert vectors.meta.extra["layer"] == chosen and plan.default_layer(vectors) == chosen  # `serve` monitors there
+    assert vectors.meta.extra["layer"] == chosen and default_layer(vectors) == chosen  # `serve` monitors there
     separation = vectors.meta.extra["separation"]
     assert len(separation) == 4 and max(separation[1:3]) == separation[chosen]
     assert "3. Steering a plain prompt along it at layer" in out

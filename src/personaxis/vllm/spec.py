@@ -140,7 +140,7 @@ class Resolver:
         return Resolved(plan.ops + [self._registry.monitor_op(name) for name in plan.monitor], None)
 
 
-def _registry(folder: str | os.PathLike[str], model_info: Any):  # noqa: ANN202 - serve.plan.Registry
+def _registry(folder: str | os.PathLike[str], model_info: Any):  # noqa: ANN202 - inference.plan.Registry
     from personaxis.inference.plan import Registry
     from personaxis.vectors import load_vectors_dir
     from personaxis.vectors.cap import CapConfig
