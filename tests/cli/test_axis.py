@@ -200,8 +200,8 @@ def test_sweep_small(monkeypatch, capsys, folder, run):
         assert (sum(t["correct"] for t in tallies), sum(t["graded"] for t in tallies)) == (r["correct"], 2)
     assert "Pareto front" in out and "refusals" in out and "McNemar p" in err
     assert "a low projection marks harmful replies" in " ".join(err.split())  # unwrapped
-    assert out.count("sweep (0 done before): 4/4 (100%)") == 2  # progress of no cap and of the one setting
-    assert out.count("judging jailbreak replies: 2/2 (100%)") == 2  # a tiny random model's 2 tokens never refuse
+    assert err.count("sweep (0 done before): 4/4 (100%)") == 2  # progress (on stderr) of no cap and of the one setting
+    assert err.count("judging jailbreak replies: 2/2 (100%)") == 2  # a tiny random model's 2 tokens never refuse
     code, _, err = cli(monkeypatch, capsys, "axis report {run}", run=run)
     assert code == 0, err
     report = (run / "report.md").read_text()
