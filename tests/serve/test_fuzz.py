@@ -3,7 +3,6 @@ error shape, never a 500 nor a dropped connection; and a bad request never chang
 
 from __future__ import annotations
 
-import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,11 +14,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from serve.serving_helpers import make_app, serving
 from serve.test_batching import QUESTIONS, _job, _registry
+from serve.test_hardening import _run
 
 from personaxis.inference.generation import Sampling
 from personaxis.serve import Limits
 from personaxis.serve.schema import ChatRequest, explain
-from personaxis.serve.worker import Worker
 
 CHAT = "/v1/chat/completions"
 LIMITS = Limits(max_tokens=8, default_max_tokens=4, max_messages=16, max_prompt_chars=2000)
@@ -189,28 +188,15 @@ def test_a_job_with_any_seed_leaves_its_batch_alone(model, artifacts, seed, posi
     registry = _registry(artifacts)
 
     def run(specs: list[tuple[int, int | None]]) -> list[tuple]:
-        async def main() -> list[tuple]:
-            loop = asyncio.get_running_loop()
-            worker = Worker(model, registry)
+        def jobs_of(loop):
             jobs = []
             for question, job_seed in specs:
                 job = _job(model, registry, loop, QUESTIONS[question], {}, 6)
                 job.sampling = Sampling(max_new_tokens=6, temperature=0.8, seed=job_seed)
                 jobs.append(job)
-            for job in jobs:
-                worker.submit(job)
-            worker.start()
-            try:
-                out = []
-                for job in jobs:
-                    while (event := await job.events.get())[0] == "token":
-                        pass
-                    out.append(event)
-                return out
-            finally:
-                worker.stop()
+            return jobs
 
-        return asyncio.run(main())
+        return _run(model, registry, jobs_of)
 
     good = [(0, 11), (1, 12), (2, 13)]
     specs = good[:position] + [(3, seed)] + good[position:]
