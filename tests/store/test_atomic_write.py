@@ -41,3 +41,25 @@ def test_unwritable_location_is_one_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(PersonaxisError, match="cannot write"):
         atomic_write_text(blocker / "x.txt", "data")
+
+
+def test_a_dead_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A SIGKILL mid-write leaves the temporary file; the next write of the same file removes it, and only it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    target = tmp_path / "a.json"
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f".a.json.{host}-{dead.pid}.abcd.tmp"
+    live = tmp_path / f".a.json.{host}-{os.getppid()}.efgh.tmp"  # a writer that is still running
+    other = tmp_path / f".a.json.elsewhere-{dead.pid}.ijkl.tmp"  # another host's: its pids mean nothing here
+    for leftover in (stale, live, other):
+        leftover.write_text("half")
+    atomic_write_text(target, "whole")
+    assert target.read_text() == "whole"
+    assert not stale.exists() and live.exists() and other.exists()

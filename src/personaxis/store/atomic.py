@@ -3,12 +3,17 @@
 A reader (another process, or this one after a crash) sees either the old file or the complete new one, never a prefix:
 the bytes go to a temporary file in the same folder, are flushed to disk, and `os.replace` swaps it in, which is atomic
 on POSIX and Windows when source and target share a filesystem.
+
+A process killed mid-write leaves its temporary file behind (nothing can run at a SIGKILL). Temporary names carry
+the host and process id, so the next write of the same file, once it has succeeded, removes those of writers on this
+host that are no longer alive; a live writer's, or another host's, is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -29,7 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_prefix(path)}{os.getpid()}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -38,12 +43,37 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
+        _remove_stale(path)
     except OSError as e:
         raise PersonaxisError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}-"
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of earlier writes of `path` whose writer, on this host, has died."""
+    prefix = _prefix(path)
+    for leftover in path.parent.glob(f"{prefix}*.tmp"):
+        pid = leftover.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, and is someone else's
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
