@@ -18,8 +18,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +32,7 @@ from personaxis.engine import Op, engine_for
 from personaxis.errors import PersonaxisError
 from personaxis.inference.generation import stop_token_ids
 from personaxis.model import ChatModel, Label, RenderedChat
-from personaxis.store import atomic_write_text, canonical_json
+from personaxis.store import atomic_dir, atomic_write_text, canonical_json
 
 CONFIG_FILE = "personaxis_finetune.json"
 IGNORE = -100  # label of tokens outside the loss, as transformers' losses expect
@@ -241,15 +239,7 @@ def finetune(
 
 
 def _save(peft_model: torch.nn.Module, out: Path, record: dict[str, Any]) -> None:
-    """Write the adapter and its config into a sibling temporary folder and move it into place whole."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.expanduser().absolute().parent))
-    try:
+    """Write the adapter and its config into a temporary sibling folder and move it into place whole."""
+    with atomic_dir(out) as tmp:
         peft_model.save_pretrained(tmp)
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(record, indent=2, default=str) + "\n")
-        if out.exists():
-            out.rmdir()  # checked empty before training
-        os.replace(tmp, out)
-    except OSError as e:
-        raise PersonaxisError(f"cannot save the adapter to {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -4,17 +4,21 @@ A reader (another process, or this one after a crash) sees either the old file o
 the bytes go to a temporary file in the same folder, are flushed to disk, and `os.replace` swaps it in, which is atomic
 on POSIX and Windows when source and target share a filesystem.
 
-A process killed mid-write leaves its temporary file behind (nothing can run at a SIGKILL). Temporary names carry
-the host and process id, so the next write of the same file, once it has succeeded, removes those of writers on this
-host that are no longer alive; a live writer's, or another host's, is never touched.
+A folder is written the same way (`atomic_dir`): filled under a temporary sibling name, then renamed into place.
+
+A process killed mid-write leaves its temporary file or folder behind (nothing can run at a SIGKILL). Temporary names
+carry the host and process id, so the next write of the same path, once it has succeeded, removes those of writers on
+this host that are no longer alive; a live writer's, or another host's, is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from personaxis.errors import PersonaxisError
@@ -52,18 +56,47 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
                 os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; when the block ends without an error, it becomes `path` whole.
+
+    `path` must not exist, or be an empty folder. On an error the temporary folder is removed and `path` is untouched.
+    """
+    path = Path(path).expanduser().absolute()
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_prefix(path)}{os.getpid()}.", suffix=".tmp"))
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+        _remove_stale(path)
+    except OSError as e:
+        raise PersonaxisError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}-"
 
 
 def _remove_stale(path: Path) -> None:
-    """Remove the temporary files of earlier writes of `path` whose writer, on this host, has died."""
+    """Remove the temporary files or folders of earlier writes of `path` whose writer, on this host, has died."""
     prefix = _prefix(path)
     for leftover in path.parent.glob(f"{prefix}*.tmp"):
         pid = leftover.name[len(prefix) :].split(".", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
 
 
 def _alive(pid: int) -> bool:
