@@ -44,10 +44,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        _put_in_place(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)
-        _remove_stale(path)
     except OSError as e:
         raise PersonaxisError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
@@ -71,15 +69,20 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if path.exists():
             path.rmdir()
-        os.replace(tmp, path)
+        _put_in_place(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)
-        _remove_stale(path)
     except OSError as e:
         raise PersonaxisError(f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _put_in_place(tmp: str | Path, path: Path) -> None:
+    """Rename the finished temporary file or folder to `path`, durably, then clear dead writers' leftovers."""
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    _remove_stale(path)
 
 
 def _prefix(path: Path) -> str:
